@@ -1,0 +1,299 @@
+"""Load LLaVA-style models and answer structural questions about them.
+
+This is the one module that knows how transformers lays out a vision-language model.
+Scripts never walk attribute chains such as ``model.model.language_model.layers``
+(transformers 5 moved them, and other backbones name them differently); they ask:
+
+- :func:`load_vlm` -- model + processor from an HF id, a local ``save_pretrained``
+  directory, or ``"toy"`` (the embedded default, see :mod:`lineofsight.toy`).
+- :func:`layer_names` -- dotted names of the text decoder blocks, found by structure
+  (the ``ModuleList`` of length ``num_hidden_layers`` next to the token embedding).
+- :func:`residual_site` -- where to read or edit the residual stream at ``layer``.
+- :func:`image_token_mask` -- which positions of ``input_ids`` hold image features.
+- :func:`format_prompt` -- a question in the model's prompt format.
+
+The ``layer`` convention, everywhere in the project: ``layer`` is the 0-based index of the
+decoder block whose **input** is read or edited, i.e. the residual stream after ``layer``
+blocks, ``hidden_states[layer]`` in a forward with ``output_hidden_states=True``.
+``layer == n_layers`` is the residual after the last block, which is the input of the final
+norm (transformers' ``hidden_states[n_layers]`` is that residual *after* the final norm).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lineofsight.cli import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "DTYPES",
+    "MISTRAL_PROMPT",
+    "check_layer",
+    "final_norm_name",
+    "format_prompt",
+    "image_token_id",
+    "image_token_mask",
+    "layer_names",
+    "load_vlm",
+    "n_layers",
+    "residual_site",
+    "resolve_model_path",
+    "text_config",
+]
+
+#: The LLaVA-NeXT-Mistral prompt, used when a processor has no chat template.
+MISTRAL_PROMPT = "[INST] {image}\n{question} [/INST]"
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Substrings of module names that belong to the vision side of a VLM.
+_VISION_PARTS = ("vision", "visual", "multi_modal_projector", "image_newline")
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def resolve_model_path(model: str) -> str:
+    """Map ``model`` to something ``from_pretrained`` accepts, or raise :class:`UserError`.
+
+    ``"toy"`` -> the committed toy model directory; an existing path must be a directory
+    holding ``config.json``; anything else that looks like a path is an error; the rest is
+    treated as a Hugging Face hub id.
+    """
+    if model == "toy":
+        from lineofsight.toy import TOY_MODEL_DIR
+
+        if not (Path(TOY_MODEL_DIR) / "config.json").is_file():
+            raise UserError(
+                f"the toy model is missing from {TOY_MODEL_DIR}; regenerate it with "
+                "`python scripts/train_toy_vlm.py`"
+            )
+        return str(TOY_MODEL_DIR)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserError(
+                f"--model {model!r} is not a model directory: expected a folder written by "
+                "save_pretrained (with config.json), a Hugging Face id, or 'toy'"
+            )
+        return str(path)
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1 or os.sep + os.sep in model
+    if looks_like_path:
+        raise UserError(
+            f"--model {model!r}: no such directory, and not a Hugging Face id of the form "
+            "'org/name' (or 'toy' for the embedded model)"
+        )
+    return model
+
+
+def load_vlm(
+    model: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, Any]:
+    """Load a LLaVA-style model (eval mode) and its processor.
+
+    Args:
+        model: an HF hub id (``llava-hf/llava-v1.6-mistral-7b-hf``), a local directory written
+            by ``save_pretrained``, or ``"toy"``.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+        device: where to put the weights.
+
+    Raises:
+        UserError: ``model`` is neither a model directory nor a loadable id.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    torch_dtype = _torch_dtype(dtype)
+    source = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"--model {model!r} could not be loaded: expected a local directory with config.json, "
+            f"a Hugging Face id reachable from this machine, or 'toy' ({first_line})"
+        ) from None
+    model_cls = _model_class(config.model_type)
+    vlm = model_cls.from_pretrained(source, dtype=torch_dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(source)
+    _fix_processor(processor, vlm)
+    return vlm, processor
+
+
+def _model_class(model_type: str) -> type:
+    import transformers
+
+    known = {
+        "llava_next": transformers.LlavaNextForConditionalGeneration,
+        "llava": transformers.LlavaForConditionalGeneration,
+    }
+    return known.get(model_type, transformers.AutoModelForImageTextToText)
+
+
+def _fix_processor(processor: Any, model: nn.Module) -> None:
+    """Make the processor's image-token count agree with the model.
+
+    With the ``default`` feature strategy the CLIP tower's CLS token is dropped after being
+    counted, so the processor needs ``num_additional_image_tokens=1``; old processor configs
+    lack it and expand ``<image>`` one token short.
+    """
+    cfg = model.config
+    if getattr(processor, "patch_size", 1) is None and hasattr(cfg, "vision_config"):
+        processor.patch_size = cfg.vision_config.patch_size
+    if (
+        hasattr(processor, "num_additional_image_tokens")
+        and not processor.num_additional_image_tokens
+        and getattr(cfg, "vision_feature_select_strategy", None) == "default"
+        and getattr(getattr(cfg, "vision_config", None), "model_type", "") in ("clip_vision_model", "clip")
+    ):
+        processor.num_additional_image_tokens = 1
+    if getattr(processor, "vision_feature_select_strategy", "x") is None:
+        processor.vision_feature_select_strategy = cfg.vision_feature_select_strategy
+
+
+def text_config(model: nn.Module) -> Any:
+    """The config of the text decoder (the whole config for a text-only model)."""
+    return model.config.get_text_config(decoder=True)
+
+
+def _is_vision(name: str) -> bool:
+    return any(part in name for part in _VISION_PARTS)
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Dotted names of the text decoder blocks, in order.
+
+    Found by structure, not by attribute chains: the ``nn.ModuleList`` whose length is the
+    text config's ``num_hidden_layers``, outside the vision tower, whose parent also holds
+    the token embedding. Works for LLaVA-NeXT (Mistral, Llama/Vicuna, Qwen2 backbones),
+    LLaVA-1.5 and plain causal LMs, across transformers' module layouts.
+    """
+    import torch.nn as nn
+
+    cached = getattr(model, "_lineofsight_layer_names", None)
+    if cached is not None:
+        return list(cached)
+    n = text_config(model).num_hidden_layers
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == n and name and not _is_vision(name)
+    ]
+
+    def next_to_embedding(name: str) -> bool:
+        parent = model.get_submodule(name.rpartition(".")[0])
+        return any(isinstance(child, nn.Embedding) for child in parent.children())
+
+    with_embedding = [name for name in candidates if next_to_embedding(name)]
+    if len(with_embedding) == 1:
+        found = with_embedding[0]
+    elif len(candidates) == 1:
+        found = candidates[0]
+    else:
+        raise ValueError(
+            f"cannot identify the decoder layers of {type(model).__name__}: ModuleLists of length "
+            f"{n}: {candidates or 'none'}"
+        )
+    names = [f"{found}.{i}" for i in range(n)]
+    model._lineofsight_layer_names = tuple(names)
+    return names
+
+
+def n_layers(model: nn.Module) -> int:
+    """Number of text decoder blocks."""
+    return len(layer_names(model))
+
+
+def final_norm_name(model: nn.Module) -> str:
+    """Dotted name of the norm applied after the last decoder block."""
+    blocks = layer_names(model)[0].rpartition(".")[0]
+    parent_name = blocks.rpartition(".")[0]
+    parent = model.get_submodule(parent_name)
+    norms = [name for name, child in parent.named_children() if "norm" in type(child).__name__.lower()]
+    preferred = [name for name in norms if name in ("norm", "final_layernorm", "ln_f")]
+    chosen = (preferred or norms or [None])[-1]
+    if chosen is None:
+        raise ValueError(f"no final norm found next to {blocks}")
+    return f"{parent_name}.{chosen}" if parent_name else chosen
+
+
+def check_layer(model: nn.Module, layer: int, flag: str = "--layer") -> int:
+    """Return ``layer`` if it is in ``[0, n_layers]``, else raise :class:`UserError`."""
+    n = n_layers(model)
+    if not 0 <= layer <= n:
+        raise UserError(
+            f"{flag} {layer} is out of range: this model has {n} decoder blocks, so valid layers are "
+            f"0..{n} (layer L = input of block L; {n} = output of the last block)"
+        )
+    return layer
+
+
+def residual_site(model: nn.Module, layer: int) -> str:
+    """Module whose **input** is the residual stream at ``layer`` (see module docstring).
+
+    ``layer < n_layers``: decoder block ``layer``; ``layer == n_layers``: the final norm.
+    Use with ``Trace(model, residual_site(model, L), retain_input=True)`` or ``edit_input``.
+    """
+    check_layer(model, layer)
+    names = layer_names(model)
+    return names[layer] if layer < len(names) else final_norm_name(model)
+
+
+def image_token_id(model: nn.Module) -> int:
+    """The id of the image placeholder token in ``input_ids``."""
+    cfg = model.config
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(model).__name__} has no image token id in its config")
+
+
+def image_token_mask(input_ids: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Boolean mask, shaped like ``input_ids``, of the positions that hold image features.
+
+    The processor expands each ``<image>`` into one placeholder per image feature (anyres
+    crops, base crop and row newlines included), and the model scatters its image features
+    into exactly these positions, so this is right for any image size, prompt or padding.
+    """
+    return input_ids == image_token_id(model)
+
+
+def format_prompt(processor: Any, question: str, image: bool = True) -> str:
+    """``question`` in the model's prompt format, ready for ``processor(text=..., images=...)``.
+
+    Uses the processor's chat template when it has one (for llava-v1.6-mistral this gives
+    ``[INST] <image>\\nWhat is shown in this image? [/INST]``); otherwise the LLaVA-NeXT-Mistral
+    form :data:`MISTRAL_PROMPT`. ``image=False`` formats a text-only turn.
+    """
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if getattr(processor, "chat_template", None):
+        content: list[dict[str, str]] = [{"type": "image"}] if image else []
+        content.append({"type": "text", "text": question})
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+    if image:
+        return MISTRAL_PROMPT.format(image=image_token, question=question)
+    return f"[INST] {question} [/INST]"
+
+
+def suggest(name: str, options: list[str], n: int = 3) -> str:
+    """`` (did you mean: a, b?)`` for a misspelt ``name``, or an empty string."""
+    close = difflib.get_close_matches(name, options, n=n, cutoff=0.6)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""

@@ -1,0 +1,645 @@
+"""The embedded default: a synthetic shape world and a toy LLaVA-NeXT trained on it.
+
+The world is a seeded generator of 64x64 images with one coloured shape each (``CLASSES`` x
+``COLOURS`` x ``SIZES`` x ``BACKGROUNDS``, random position and tilt). :func:`generate_world`
+writes it in the layouts the real data uses (an ImageNet folder with
+``imagenet_class_index.json``, a ShareGPT4V-style caption JSON, ``class_pairs.txt``), so every
+experiment script runs unchanged on it.
+
+The model is a real ``transformers.LlavaNextForConditionalGeneration`` (CLIP vision tower,
+Mistral text backbone, anyres tiling with ``image_newline``) with a word-level tokenizer and a
+``LlavaNextProcessor`` whose chat template renders ``[INST] <image>\\n{q} [/INST]`` like
+llava-v1.6-mistral. ``scripts/train_toy_vlm.py`` trains it; :func:`evaluate_toy` measures it.
+
+Nothing here imports torch or transformers at module level, so scripts can import the constants
+without slowing ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor, PreTrainedTokenizerFast
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOY_WORLD_DIR = REPO_ROOT / "data" / "toy" / "world"
+TOY_MODEL_DIR = REPO_ROOT / "data" / "toy" / "model"
+
+# ---------------------------------------------------------------------------------------------
+# The world
+# ---------------------------------------------------------------------------------------------
+
+CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "heart", "hexagon")
+"""Shape classes; single lowercase words, also the ImageNet-layout class names."""
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+SIZES: tuple[str, ...] = ("small", "medium", "large")
+BACKGROUNDS: tuple[str, ...] = ("dark", "light", "noisy")
+
+WNID_BASE = 90_000_000
+"""Made-up WordNet ids: class ``i`` is ``n{WNID_BASE + i}`` (``n90000000``, ...)."""
+WORLD_VERSION = 1
+"""Bump when the generator's output changes, so stale worlds on disk are regenerated."""
+
+_RGB = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 235),
+    "yellow": (240, 220, 40),
+    "purple": (150, 60, 205),
+    "orange": (245, 140, 30),
+}
+# Half-extent of the shape as a fraction of the image side, per size word.
+_RADIUS = {"small": (0.11, 0.16), "medium": (0.18, 0.24), "large": (0.26, 0.33)}
+# Independent random streams: the same (seed, stream, index) always yields the same image, and
+# the training stream never overlaps the held-out or world splits.
+_STREAMS = {"imagenet/train": 1, "imagenet/val": 2, "sharegpt4v": 3, "train": 4, "heldout": 5, "pairs": 6}
+_SUPERSAMPLE = 4
+
+CAPTION_QUESTION = "What is shown in this image?"
+FORCED_CHOICE_TEMPLATE = (
+    'Reply either "{src}" or "{tgt}" in lowercase depending on what is shown in the image. '
+    "Do not output any other text."
+)
+"""The steering efficacy prompt (the answer's first token is the class word itself)."""
+YESNO_TEMPLATE = "Is there a {name} in this image?"
+COLOUR_YESNO_TEMPLATE = "Is the shape {colour}?"
+_EXTRA_WORDS = "yes no"
+
+
+@dataclasses.dataclass(frozen=True)
+class ToySample:
+    """One labelled world image."""
+
+    image: Image.Image
+    cls: str
+    colour: str
+    size: str
+    background: str
+
+    @property
+    def label(self) -> int:
+        return CLASSES.index(self.cls)
+
+    @property
+    def caption(self) -> str:
+        return caption_for(self.cls, self.colour, self.size, self.background)
+
+
+def caption_for(cls: str, colour: str, size: str, background: str) -> str:
+    """The world's caption, words separated by spaces (the tokenizer's decode round-trips it)."""
+    return f"a {size} {colour} {cls} on a {background} background ."
+
+
+def wnid(label: int) -> str:
+    return f"n{WNID_BASE + label}"
+
+
+def _unit_polygon(cls: str) -> np.ndarray | None:
+    """Outline of ``cls`` in unit coordinates (radius ~1, y down), shape (n_points, 2); None for round shapes."""
+    if cls == "square":
+        return np.array([[-0.8, -0.8], [0.8, -0.8], [0.8, 0.8], [-0.8, 0.8]])
+    if cls == "triangle":
+        a = np.deg2rad([-90, 30, 150])
+        return np.stack([np.cos(a), np.sin(a) + 0.15], 1)
+    if cls == "star":
+        a = np.deg2rad(-90 + 36 * np.arange(10))
+        r = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+        return np.stack([r * np.cos(a), r * np.sin(a) + 0.08], 1)
+    if cls == "cross":
+        w, l = 0.3, 0.95
+        return np.array(
+            [[-w, -l], [w, -l], [w, -w], [l, -w], [l, w], [w, w], [w, l], [-w, l], [-w, w], [-l, w], [-l, -w], [-w, -w]]
+        )
+    if cls == "diamond":
+        return np.array([[0.0, -1.0], [0.62, 0.0], [0.0, 1.0], [-0.62, 0.0]])
+    if cls == "heart":
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+        return np.stack([x / 16.5, -(y + 2.5) / 15.0], 1)
+    if cls == "hexagon":
+        a = np.deg2rad(60 * np.arange(6))
+        return np.stack([np.cos(a), np.sin(a)], 1)
+    if cls == "circle":
+        return None
+    raise ValueError(f"unknown class {cls!r}")
+
+
+def _shape_mask(cls: str, cx: float, cy: float, radius: float, angle: float, image_size: int) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1], shape (image_size, image_size); drawn at 4x then box-reduced."""
+    s = _SUPERSAMPLE
+    canvas = Image.new("L", (image_size * s, image_size * s), 0)
+    draw = ImageDraw.Draw(canvas)
+    poly = _unit_polygon(cls)
+    if poly is None:
+        r = radius * 0.9 * s
+        draw.ellipse([cx * s - r, cy * s - r, cx * s + r, cy * s + r], fill=255)
+    else:
+        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        pts = (poly @ rot.T) * radius + np.array([cx, cy])
+        draw.polygon([(float(x) * s, float(y) * s) for x, y in pts], fill=255)
+    return np.asarray(canvas.reduce(s), dtype=np.float32) / 255.0
+
+
+def render_sample(seed: int, stream: str, index: int, image_size: int = 64, cls: str | None = None) -> ToySample:
+    """Deterministically render image ``index`` of ``stream``; the class is drawn at random unless given."""
+    rng = np.random.default_rng([seed, _STREAMS[stream], index])
+    cls = cls if cls is not None else CLASSES[int(rng.integers(len(CLASSES)))]
+    colour = COLOURS[int(rng.integers(len(COLOURS)))]
+    size = SIZES[int(rng.integers(len(SIZES)))]
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    lo, hi = _RADIUS[size]
+    radius = float(rng.uniform(lo, hi)) * image_size
+    margin = radius + 1.5
+    cx, cy = (float(v) for v in rng.uniform(margin, image_size - margin, 2))
+    angle = float(np.deg2rad(rng.uniform(-15, 15)))
+
+    n = image_size
+    if background == "dark":
+        bg = rng.uniform(0, 45, 3) + rng.normal(0, 4, (n, n, 3))
+    elif background == "light":
+        bg = rng.uniform(205, 250, 3) + rng.normal(0, 4, (n, n, 3))
+    else:  # noisy: mid-grey with strong per-pixel colour noise
+        bg = rng.uniform(80, 170) + rng.uniform(-20, 20, 3) + rng.normal(0, 38, (n, n, 3))
+    fg = np.array(_RGB[colour], dtype=np.float64) + rng.integers(-20, 21, 3)
+    mask = _shape_mask(cls, cx, cy, radius, angle, image_size)[..., None].astype(np.float64)
+    pixels = bg * (1 - mask) + fg * mask + rng.normal(0, 3, (n, n, 3))
+    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+    return ToySample(image=image, cls=cls, colour=colour, size=size, background=background)
+
+
+def make_samples(n_per_class: int, seed: int = 0, stream: str = "heldout", image_size: int = 64) -> list[ToySample]:
+    """``n_per_class`` images of every class, classes interleaved (sample ``i`` has class ``i % n_classes``)."""
+    n = n_per_class * len(CLASSES)
+    return [render_sample(seed, stream, i, image_size, cls=CLASSES[i % len(CLASSES)]) for i in range(n)]
+
+
+def heldout_samples(n_per_class: int = 4, seed: int = 0, image_size: int = 64) -> list[ToySample]:
+    """Fresh labelled images from a stream that neither the world files nor training ever use."""
+    return make_samples(n_per_class, seed=seed, stream="heldout", image_size=image_size)
+
+
+def class_pairs(seed: int = 0, n_pairs: int = 8) -> list[tuple[str, str]]:
+    """``n_pairs`` distinct seeded ordered (src, tgt) pairs of different classes."""
+    all_pairs = [(a, b) for a in CLASSES for b in CLASSES if a != b]
+    if not 0 < n_pairs <= len(all_pairs):
+        raise ValueError(f"n_pairs must be in [1, {len(all_pairs)}], got {n_pairs}")
+    order = np.random.default_rng([seed, _STREAMS["pairs"]]).permutation(len(all_pairs))
+    return [all_pairs[i] for i in order[:n_pairs]]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    """Everything that determines the world's bytes; written to ``world.json`` as its stamp."""
+
+    seed: int = 0
+    image_size: int = 64
+    n_train_per_class: int = 64
+    n_val_per_class: int = 16
+    n_captions: int = 512
+    n_pairs: int = 8
+    version: int = WORLD_VERSION
+    classes: tuple[str, ...] = CLASSES
+    colours: tuple[str, ...] = COLOURS
+
+
+def _stamp(cfg: WorldConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as read back from disk
+
+
+def _read_stamp(root: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((root / "world.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_world(tmp: Path, cfg: WorldConfig) -> None:
+    inet = tmp / "imagenet"
+    index = {str(i): [wnid(i), name] for i, name in enumerate(CLASSES)}
+    inet.mkdir(parents=True)
+    (inet / "imagenet_class_index.json").write_text(json.dumps(index))
+    for split, n_per_class in (("train", cfg.n_train_per_class), ("val", cfg.n_val_per_class)):
+        samples = make_samples(n_per_class, cfg.seed, f"imagenet/{split}", cfg.image_size)
+        for i, sample in enumerate(samples):
+            folder = inet / split / wnid(sample.label)
+            folder.mkdir(parents=True, exist_ok=True)
+            sample.image.save(folder / f"{wnid(sample.label)}_{i:05d}.png")
+
+    records = []
+    (tmp / "sharegpt4v").mkdir()
+    for i in range(cfg.n_captions):
+        sample = render_sample(cfg.seed, "sharegpt4v", i, cfg.image_size)
+        rel = f"sharegpt4v/{i:06d}.png"
+        sample.image.save(tmp / rel)
+        records.append(
+            {
+                "id": f"toy-{i:06d}",
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{CAPTION_QUESTION}"},
+                    {"from": "gpt", "value": sample.caption},
+                ],
+            }
+        )
+    (tmp / "sharegpt4v.json").write_text(json.dumps(records, indent=1) + "\n")
+    pairs = class_pairs(cfg.seed, cfg.n_pairs)
+    (tmp / "class_pairs.txt").write_text("".join(f"{a}@{b}\n" for a, b in pairs))
+    (tmp / "world.json").write_text(json.dumps(_stamp(cfg), indent=1) + "\n")  # written last: marks completeness
+
+
+def generate_world(
+    root: Path | str = TOY_WORLD_DIR,
+    seed: int = 0,
+    *,
+    image_size: int = 64,
+    n_train_per_class: int = 64,
+    n_val_per_class: int = 16,
+    n_captions: int = 512,
+    n_pairs: int = 8,
+) -> Path:
+    """Write the shape world under ``root`` (no-op when ``root/world.json`` matches) and return ``root``.
+
+    Layout::
+
+        root/imagenet/imagenet_class_index.json     {"0": ["n90000000", "circle"], ...}
+        root/imagenet/{train,val}/<wnid>/<wnid>_<i>.png
+        root/sharegpt4v.json                        [{"id", "image": "sharegpt4v/000000.png", "conversations"}]
+        root/sharegpt4v/*.png
+        root/class_pairs.txt                        one ``src@tgt`` per line
+        root/world.json                             the generator config (the stamp)
+
+    The world is built in a temporary sibling folder and renamed into place, so a reader never
+    sees a half-written world; a stale world (different stamp) is replaced. A non-empty ``root``
+    without a stamp is refused rather than deleted.
+    """
+    root = Path(root)
+    cfg = WorldConfig(
+        seed=seed,
+        image_size=image_size,
+        n_train_per_class=n_train_per_class,
+        n_val_per_class=n_val_per_class,
+        n_captions=n_captions,
+        n_pairs=n_pairs,
+    )
+    if _read_stamp(root) == _stamp(cfg):
+        return root
+    if root.exists() and _read_stamp(root) is None and any(root.iterdir()):
+        raise FileExistsError(f"{root} exists, is not empty and has no world.json; refusing to overwrite it")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        _write_world(tmp, cfg)
+        if root.exists():
+            if _read_stamp(root) == _stamp(cfg):  # another process finished first
+                return root
+            trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.replace(root, trash / "world")
+            shutil.rmtree(trash)
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if _read_stamp(root) != _stamp(cfg):  # lost a race against a different config
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def read_imagenet_split(root: Path | str, split: str = "val", n_per_class: int | None = None) -> list[tuple[Path, int]]:
+    """(image path, label) pairs of an ImageNet-layout split, sorted, at most ``n_per_class`` per class."""
+    inet = Path(root) / "imagenet"
+    index = json.loads((inet / "imagenet_class_index.json").read_text())
+    items: list[tuple[Path, int]] = []
+    for key in sorted(index, key=int):
+        files = sorted((inet / split / index[key][0]).glob("*.png"))
+        items += [(f, int(key)) for f in files[:n_per_class]]
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer, processor, model
+# ---------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>", "<image>", "[INST]", "[/INST]")
+IMAGE_TOKEN = "<image>"
+
+# The Mistral-style llava-v1.6 template: images first, then text; no BOS (the tokenizer adds it).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ '[INST] ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if message['content'] is string -%}{{ ' ' + message['content'] + eos_token }}{%- else -%}"
+    "{{ ' ' + message['content'][0]['text'] + eos_token }}{%- endif -%}"
+    "{%- else -%}{{ raise_exception('Only user and assistant roles are supported') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def _pre_tokenizer() -> Any:
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+
+
+def toy_vocabulary() -> list[str]:
+    """Special tokens, then every word of the world's captions, questions, answers and the steering prompt."""
+    texts = [
+        " ".join(CLASSES + COLOURS + SIZES + BACKGROUNDS),
+        caption_for("circle", "red", "small", "dark"),
+        CAPTION_QUESTION,
+        FORCED_CHOICE_TEMPLATE.format(src="circle", tgt="square"),
+        YESNO_TEMPLATE.format(name="circle"),
+        COLOUR_YESNO_TEMPLATE.format(colour="red"),
+        _EXTRA_WORDS,
+    ]
+    pre = _pre_tokenizer()
+    words = {w for text in texts for w, _ in pre.pre_tokenize_str(text.lower())}
+    return list(SPECIAL_TOKENS) + sorted(words - set(SPECIAL_TOKENS))
+
+
+def build_toy_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level, lowercasing tokenizer; BOS prepended; decodes to space-joined words."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(toy_vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=["<image>", "[INST]", "[/INST]"],
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
+
+
+def pinpoints(tile_size: int) -> list[list[int]]:
+    """anyres grid: one tile, two tiles either way, or 2x2 tiles."""
+    t = tile_size
+    return [[t, t], [t, 2 * t], [2 * t, t], [2 * t, 2 * t]]
+
+
+def build_toy_processor(tile_size: int = 32, patch_size: int = 8) -> LlavaNextProcessor:
+    """``LlavaNextProcessor`` matching a toy tower of ``tile_size`` px tiles and ``patch_size`` px patches."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile_size},
+        crop_size={"height": tile_size, "width": tile_size},
+        image_grid_pinpoints=pinpoints(tile_size),
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=build_toy_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        # The CLS token the tower adds; without it the processor's count is one short for "default".
+        num_additional_image_tokens=1,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyModelConfig:
+    """Sizes of the toy LLaVA-NeXT (the defaults are the committed model's)."""
+
+    tile_size: int = 32
+    """vision tower input side in pixels (anyres tiles are this size)"""
+    patch_size: int = 8
+    """vision patch side in pixels"""
+    vision_hidden: int = 64
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_intermediate: int = 256
+    text_hidden: int = 128
+    text_layers: int = 6
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 256
+    vision_feature_layer: int = -1
+    """hidden_states index of the tower fed to the projector (-1: last layer, pre post-layernorm)"""
+
+
+def build_toy_model(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaNextForConditionalGeneration:
+    """Randomly initialised toy ``LlavaNextForConditionalGeneration`` (float32, eval mode)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=cfg.vision_intermediate,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.tile_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden,
+    )
+    text = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        head_dim=cfg.text_hidden // cfg.text_heads,
+        max_position_embeddings=1024,
+        sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=cfg.vision_feature_layer,
+        image_grid_pinpoints=pinpoints(cfg.tile_size),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).float().eval()
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
+    gen.do_sample = False
+    return model
+
+
+def load_toy(
+    model_dir: Path | str = TOY_MODEL_DIR,
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """The saved toy model (eval mode, float32) and its processor, offline."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).float().eval()
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def chat_prompt(processor: LlavaNextProcessor, question: str, image: bool = True) -> str:
+    """``[INST] <image>\\n{question} [/INST]`` (or ``[INST] {question} [/INST]``) via the chat template."""
+    content: list[dict[str, str]] = [{"type": "image"}] if image else []
+    content.append({"type": "text", "text": question})
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Query:
+    task: str
+    image_index: int
+    question: str
+    expected: str
+
+
+def _eval_queries(labels: Sequence[int], seed: int) -> list[_Query]:
+    """Per image: a caption, a forced choice (seeded distractor and order), and a yes and a no question."""
+    rng = np.random.default_rng([seed, 7])
+    queries = []
+    for i, label in enumerate(labels):
+        cls = CLASSES[label]
+        other = CLASSES[(label + 1 + int(rng.integers(len(CLASSES) - 1))) % len(CLASSES)]
+        src, tgt = (cls, other) if rng.integers(2) == 0 else (other, cls)
+        queries += [
+            _Query("caption", i, CAPTION_QUESTION, cls),
+            _Query("forced_choice", i, FORCED_CHOICE_TEMPLATE.format(src=src, tgt=tgt), cls),
+            _Query("yesno", i, YESNO_TEMPLATE.format(name=cls), "yes"),
+            _Query("yesno", i, YESNO_TEMPLATE.format(name=other), "no"),
+        ]
+    return queries
+
+
+def _is_correct(query: _Query, answer: str) -> bool:
+    words = _words(answer)
+    if query.task == "caption":  # the right class named, and no other class
+        return query.expected in words and not any(c in words for c in CLASSES if c != query.expected)
+    return bool(words) and words[0] == query.expected
+
+
+def generate_answers(
+    model: LlavaNextForConditionalGeneration,
+    processor: LlavaNextProcessor,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image] | None,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy batched generation with left padding; returns the decoded new text of each prompt."""
+    import torch
+
+    tok = processor.tokenizer
+    old_side, tok.padding_side = tok.padding_side, "left"
+    try:
+        if images is None:
+            inputs = tok(list(prompts), return_tensors="pt", padding=True)
+        else:
+            inputs = processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = old_side
+    device = next(model.parameters()).device
+    inputs = inputs.to(device)
+    with torch.no_grad():
+        out_BT = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    new_BT = out_BT[:, inputs["input_ids"].shape[1] :]
+    return [s.strip() for s in tok.batch_decode(new_BT, skip_special_tokens=True)]
+
+
+def evaluate_toy(
+    model: LlavaNextForConditionalGeneration,
+    processor: LlavaNextProcessor,
+    world_dir_or_samples: Path | str | Sequence[ToySample],
+    n_per_class: int = 8,
+    batch_size: int = 64,
+    seed: int = 0,
+    n_examples: int = 4,
+) -> dict[str, Any]:
+    """Held-out accuracies of the toy VLM by batched greedy generation.
+
+    ``world_dir_or_samples`` is a world folder (its ``imagenet/val`` split is read, at most
+    ``n_per_class`` images per class) or a list of :class:`ToySample` (used as given). Per image:
+    the caption must name the right class and no other; the forced choice's first word must be
+    the class; a yes question (true class) and a no question (another class) are asked, so
+    ``yesno_acc`` is balanced. Returns ``caption_acc``, ``forced_choice_acc``, ``yesno_acc``,
+    ``n_images`` and ``examples``: (task, question, answer, expected) tuples.
+    """
+    if isinstance(world_dir_or_samples, (str, Path)):
+        items = read_imagenet_split(world_dir_or_samples, "val", n_per_class)
+        images = [Image.open(p).convert("RGB") for p, _ in items]
+        labels = [label for _, label in items]
+    else:
+        images = [s.image for s in world_dir_or_samples]
+        labels = [s.label for s in world_dir_or_samples]
+    if not images:
+        raise ValueError("no evaluation images")
+    queries = _eval_queries(labels, seed)
+    answers: list[str] = [""] * len(queries)
+    for task, max_new in (("caption", 16), ("forced_choice", 3), ("yesno", 3)):
+        idx = [i for i, q in enumerate(queries) if q.task == task]
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            prompts = [chat_prompt(processor, queries[i].question) for i in chunk]
+            outs = generate_answers(model, processor, prompts, [images[queries[i].image_index] for i in chunk], max_new)
+            for i, out in zip(chunk, outs):
+                answers[i] = out
+    result: dict[str, Any] = {"n_images": len(images)}
+    for task in ("caption", "forced_choice", "yesno"):
+        hits = [_is_correct(q, a) for q, a in zip(queries, answers) if q.task == task]
+        result[f"{task}_acc"] = float(np.mean(hits))
+    examples = []
+    for task in ("caption", "forced_choice", "yesno"):
+        picked = [i for i, q in enumerate(queries) if q.task == task][:n_examples]
+        examples += [(task, queries[i].question, answers[i], queries[i].expected) for i in picked]
+    result["examples"] = examples
+    return result

@@ -1,0 +1,116 @@
+"""Tiny random LLaVA-style models built from config, and the real Mistral v1 tokenizer."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+IMAGE_SIZE, PATCH = 32, 8
+PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def _vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32,
+    )
+
+
+def _text_config(backbone: str, n_layers: int = 3):
+    import transformers
+
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=32064, max_position_embeddings=1024,
+    )
+    cls = {"mistral": transformers.MistralConfig, "llama": transformers.LlamaConfig,
+           "qwen2": transformers.Qwen2Config}[backbone]
+    return cls(**common)
+
+
+def build_tiny(kind: str, n_layers: int = 3, seed: int = 0):
+    """(model, processor) for ``kind`` in next-mistral, next-llama, next-qwen2, llava15."""
+    import transformers
+
+    torch.manual_seed(seed)
+    backbone = kind.split("-")[-1] if kind.startswith("next") else "llama"
+    common = dict(
+        vision_config=_vision_config(), text_config=_text_config(backbone, n_layers),
+        image_token_index=32000, vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    tok = mistral_tokenizer()
+    if kind.startswith("next"):
+        cfg = transformers.LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common)
+        model = transformers.LlavaNextForConditionalGeneration(cfg)
+        image_processor = transformers.LlavaNextImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_grid_pinpoints=PINPOINTS,
+        )
+        processor = transformers.LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        )
+    else:
+        cfg = transformers.LlavaConfig(**common)
+        model = transformers.LlavaForConditionalGeneration(cfg)
+        image_processor = transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        )
+        processor = transformers.LlavaProcessor(
+            image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        )
+    return model.eval(), processor
+
+
+_TOKENIZER = None
+
+
+def mistral_tokenizer():
+    """The real LLaVA-NeXT-Mistral tokenizer: Mistral v1 sentencepiece + ``<image>`` (id 32000)."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        import tempfile
+
+        from transformers import LlamaTokenizer
+
+        src = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(str(src), os.path.join(tmp, "tokenizer.model"))
+            tok = LlamaTokenizer.from_pretrained(tmp, legacy=False, add_bos_token=True, add_eos_token=False)
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        tok.pad_token = tok.unk_token
+        _TOKENIZER = tok
+    return _TOKENIZER
+
+
+def images(sizes, seed: int = 0):
+    """Random RGB PIL images of the given (width, height) sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Cache of tiny models by kind, built once per session."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = build_tiny(kind)
+        return cache[kind]
+
+    return get
