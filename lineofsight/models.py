@@ -21,7 +21,6 @@ norm (transformers' ``hidden_states[n_layers]`` is that residual *after* the fin
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -292,8 +291,3 @@ def format_prompt(processor: Any, question: str, image: bool = True) -> str:
         return MISTRAL_PROMPT.format(image=image_token, question=question)
     return f"[INST] {question} [/INST]"
 
-
-def suggest(name: str, options: list[str], n: int = 3) -> str:
-    """`` (did you mean: a, b?)`` for a misspelt ``name``, or an empty string."""
-    close = difflib.get_close_matches(name, options, n=n, cutoff=0.6)
-    return f" (did you mean: {', '.join(close)}?)" if close else ""

@@ -29,7 +29,7 @@ class Config:
     model: str = "toy"
     """Model to benchmark: 'toy', an HF id or a local directory."""
     only: tuple[str, ...] = ()
-    """Row groups to run (default: all). Groups: hooks."""
+    """Row groups to run (default: all). Groups: hooks, probes."""
     batch_size: int = 16
     """Images per forward pass."""
     repeats: int = 15
@@ -117,7 +117,86 @@ def hook_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     return rows
 
 
-GROUPS: dict[str, Callable[[Config, Any, Any], list[Row]]] = {"hooks": hook_rows}
+def _load_script(relpath: str) -> Any:
+    """Import one of the project's single-file scripts as a module."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / relpath
+    name = "bench_" + path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def probe_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
+    """Issue 3: batched early-stopped extraction vs the seed's way and vs the truncated forward."""
+    import contextlib
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch import nn
+
+    from lineofsight.hooks import Trace
+    from lineofsight.models import layer_names, n_layers, residual_site
+
+    extract = _load_script("probes/compute_image_activations.py")
+    rng = np.random.default_rng(1)
+    n_images = 2 * cfg.batch_size
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(n_images)]
+    n = n_layers(model)
+    layers = list(extract.PAPER_LAYERS) if n == 32 else list(range(n))
+    sites = [residual_site(model, layer) for layer in layers]
+    ecfg = extract.Config(model=cfg.model)
+    processor.tokenizer.padding_side = "left"
+
+    def ours() -> None:
+        for i in range(0, n_images, cfg.batch_size):
+            extract.extract_batch(model, processor, images[i : i + cfg.batch_size], ecfg, sites)
+
+    def seed_style() -> None:
+        # One image at a time, one nested Trace per layer, the whole forward pass, then the mean.
+        for image in images:
+            inputs = processor(text=[ecfg.prompt], images=[image], return_tensors="pt")
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                traces = [stack.enter_context(Trace(model, site, retain_input=True, retain_output=False))
+                          for site in sites]
+                model(**inputs)
+                [tr.input.mean(1) for tr in traces]
+
+    blocks_name = layer_names(model)[0].rpartition(".")[0]
+    parent_name, _, attr = blocks_name.rpartition(".")
+    parent, blocks = model.get_submodule(parent_name), model.get_submodule(blocks_name)
+    truncated = nn.ModuleList(list(blocks)[: max(layers)])
+
+    def limit() -> None:
+        # The same batches through the vision tower and only the blocks below the deepest layer,
+        # no hooks, no pooling, no lm_head: what extraction cannot beat.
+        setattr(parent, attr, truncated)
+        try:
+            for i in range(0, n_images, cfg.batch_size):
+                inputs = processor(text=[ecfg.prompt] * cfg.batch_size, images=images[i : i + cfg.batch_size],
+                                   return_tensors="pt", padding=True)
+                with torch.no_grad():
+                    model.model(**inputs, use_cache=False)
+        finally:
+            setattr(parent, attr, blocks)
+
+    repeats = max(3, cfg.repeats // 3)
+    t_seed, t_ours = time_pair(seed_style, ours, repeats)
+    speedup_row = Row(f"extraction, {n_images} images x {len(layers)} layers", "seed: batch 1",
+                      t_seed, t_ours, "<= 0.25 (4x faster)", t_seed / t_ours >= 4)
+    t_limit, t_ours2 = time_pair(limit, ours, repeats)
+    limit_row = Row(f"extraction vs truncated forward (batch {cfg.batch_size})", "bare, layers<L",
+                    t_limit, t_ours2, "<= 1.11 (0.9x)", t_limit / t_ours2 >= 0.9)
+    return [speedup_row, limit_row]
+
+
+GROUPS: dict[str, Callable[[Config, Any, Any], list[Row]]] = {"hooks": hook_rows, "probes": probe_rows}
 
 
 def main(cfg: Config) -> None:

@@ -28,7 +28,7 @@ class Config:
     model: str = "toy"
     """Model to evaluate: 'toy' (the committed model), a local directory or an HF id."""
     world_dir: Path = TOY_WORLD_DIR
-    """Shape-world folder (generated here from --seed if it has no world.json)."""
+    """Shape-world folder; the default one is (re)generated from --seed when missing or stale, another only when missing."""
     seed: int = 0
     """World seed (only used when the world is generated)."""
     n_per_class: int = 16
@@ -58,10 +58,11 @@ def main(cfg: Config) -> dict:
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     start = time.perf_counter()
     model, processor = load_vlm(cfg.model)  # bad --model fails before any work
-    if not (cfg.world_dir / "world.json").is_file():
+    if cfg.world_dir.resolve() == TOY_WORLD_DIR.resolve():
+        generate_world(cfg.world_dir, seed=cfg.seed)  # a no-op when the world on disk is current
+    elif not (cfg.world_dir / "world.json").is_file():
         if cfg.world_dir.exists() and any(cfg.world_dir.iterdir()):
             raise UserError(f"--world-dir {cfg.world_dir} is not a shape world (no world.json)")
-        print(f"generating the shape world in {cfg.world_dir} ...")
         generate_world(cfg.world_dir, seed=cfg.seed)
     result = evaluate_toy(model, processor, cfg.world_dir, n_per_class=cfg.n_per_class,
                           batch_size=cfg.batch_size, n_examples=cfg.n_examples)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -114,3 +115,38 @@ def tiny_models():
         return cache[kind]
 
     return get
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def load_script(relpath: str):
+    """Import a single-file script (``probes/train_probe.py``) as a module, to call its ``main``."""
+    import importlib.util
+
+    path = ROOT / relpath
+    name = "script_" + relpath.replace("/", "_").replace("-", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random LLaVA-NeXT (Mistral) saved with save_pretrained: a stand-in for any --model dir."""
+    path = tmp_path_factory.mktemp("tiny_vlm")
+    model, processor = build_tiny("next-mistral", n_layers=3, seed=1)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small shape world (ImageNet + ShareGPT4V layouts) in a temp folder."""
+    from lineofsight.toy import generate_world
+
+    root = tmp_path_factory.mktemp("world")
+    return generate_world(root / "world", seed=0, n_train_per_class=6, n_val_per_class=2, n_captions=16)

@@ -1,0 +1,242 @@
+"""Linear probes for image class, one per layer, on a cache from compute_image_activations.py.
+
+Per layer: a multiclass linear probe on the pooled residual (features standardised with the
+training split's mean and std), trained with Adam and cross-entropy, weight decay, and early
+stopping on a validation part of the training split; the seeded 80/20 train/test split is the
+same for every layer. With ``--pairs`` also a binary probe per ``src@tgt`` pair and layer, whose
+weight direction the steering scripts can use (``--method probe``).
+
+Writes into ``--out``: ``metrics.json`` (per layer: top-1, top-5, n_train, n_test, chance),
+``probe_layer{L}.safetensors`` (+ ``probe_layer{L}.json``), ``pair_probes_layer{L}.safetensors``
+with ``--pairs``, and ``accuracy_by_layer.png`` (top-1 and top-5 against layer, chance line).
+
+    python probes/train_probe.py --activations runs/acts/acts-<hash> --out runs/probes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass
+class Config:
+    """Options for probe training."""
+
+    activations: Path
+    """Activation cache written by probes/compute_image_activations.py: the cache folder, or the --out given to it when that holds one cache."""
+    out: Path = Path("runs/probes")
+    """Output folder for metrics.json, probe weights and the plot."""
+    pairs: Path | None = None
+    """Optional file of src@tgt lines: also train a binary probe per pair and layer."""
+    test_frac: float = 0.2
+    """Share of images held out for testing (the same split for every layer)."""
+    val_frac: float = 0.1
+    """Share of the training images used for early stopping."""
+    epochs: int = 200
+    """Maximum passes over the training images."""
+    patience: int = 20
+    """Stop after this many epochs without a better validation loss."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    weight_decay: float = 1e-4
+    """Adam weight decay (L2)."""
+    batch_size: int = 512
+    """Images per optimisation step."""
+    seed: int = 0
+    """Seeds the split and the probe initialisation."""
+    device: str = "cpu"
+    """Device to train on ('cuda' for the 7B's 4096-wide features over 50k images)."""
+    overwrite: bool = False
+    """Replace an existing --out that already holds metrics.json."""
+
+    def __post_init__(self) -> None:
+        from lineofsight.cli import UserError
+
+        if not 0 < self.test_frac < 1 or not 0 <= self.val_frac < 1:
+            raise UserError("--test-frac must be in (0, 1) and --val-frac in [0, 1)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError("--epochs and --batch-size must be positive")
+
+
+def split_indices(labels: Any, test_frac: float, seed: int) -> tuple[Any, Any]:
+    """Seeded stratified split: every class contributes ``test_frac`` of its images to the test set."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_test = max(1, round(test_frac * len(idx))) if len(idx) > 1 else 0
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def fit_linear(x_train: Any, y_train: Any, n_classes: int, cfg: Config, seed: int) -> dict[str, Any]:
+    """Standardise, then fit ``softmax(W x + b)`` with Adam + CE, early-stopped on a validation split.
+
+    Returns ``weight`` [C, D] and ``bias`` [C] in the *standardised* space plus ``mean``/``std``
+    [D], so ``logits = ((x - mean) / std) @ weight.T + bias``.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(cfg.device)
+    mean = x_train.mean(0)
+    std = x_train.std(0).clamp_min(1e-6) if len(x_train) > 1 else torch.ones_like(mean)
+    x = ((x_train - mean) / std).to(device)
+    y = y_train.to(device)
+    perm = torch.randperm(len(x), generator=gen).to(device)
+    n_val = int(cfg.val_frac * len(x)) if len(x) >= 10 else 0
+    val_idx, fit_idx = perm[:n_val], perm[n_val:]
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(x.shape[1], n_classes).to(device)
+    opt = torch.optim.Adam(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best = (float("inf"), None)
+    stale = 0
+    for _ in range(cfg.epochs):
+        order = fit_idx[torch.randperm(len(fit_idx), generator=gen).to(device)]
+        for start in range(0, len(order), cfg.batch_size):
+            batch = order[start : start + cfg.batch_size]
+            loss = torch.nn.functional.cross_entropy(probe(x[batch]), y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            held = val_idx if n_val else fit_idx
+            val_loss = torch.nn.functional.cross_entropy(probe(x[held]), y[held]).item()
+        if val_loss < best[0] - 1e-6:
+            best = (val_loss, {k: v.detach().clone() for k, v in probe.state_dict().items()})
+            stale = 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    state = best[1]
+    return {"weight": state["weight"].cpu(), "bias": state["bias"].cpu(), "mean": mean.cpu(), "std": std.cpu()}
+
+
+def probe_logits(probe: dict[str, Any], x: Any) -> Any:
+    return ((x - probe["mean"]) / probe["std"]) @ probe["weight"].T + probe["bias"]
+
+
+def topk_accuracy(logits: Any, y: Any, k: int) -> float:
+    k = min(k, logits.shape[1])
+    return float((logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean())
+
+
+def plot_accuracy(metrics: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lineofsight.io import atomic_write_bytes
+
+    layers = [int(layer) for layer in metrics["layers"]]
+    top1 = [metrics["layers"][str(layer)]["top1"] for layer in layers]
+    top5 = [metrics["layers"][str(layer)]["top5"] for layer in layers]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ax.plot(layers, top1, "o-", label="top-1")
+    ax.plot(layers, top5, "s--", label=f"top-{metrics['top5_k']}")
+    ax.axhline(metrics["chance"], color="grey", lw=1, ls=":", label="chance")
+    ax.set(xlabel="layer (input of decoder block)", ylabel="test accuracy", ylim=(0, 1.02),
+           title=f"Linear probe for image class ({metrics['n_classes']} classes, {metrics['pool']} pooling)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    import torch
+
+    from lineofsight.cache import read_activation_cache
+    from lineofsight.cli import UserError
+    from lineofsight.data import read_class_pairs
+    from lineofsight.io import provenance, save_tensors, write_json
+
+    start = time.perf_counter()
+    if (cfg.out / "metrics.json").is_file() and not cfg.overwrite:
+        raise UserError(f"--out {cfg.out} already holds metrics.json; pass --overwrite or another --out")
+    cache = read_activation_cache(cfg.activations)
+    meta = cache["meta"]
+    names: list[str] = meta["class_names"]
+    to_class = {label: i for i, label in enumerate(meta["class_labels"])}
+    y_all = torch.tensor([to_class[int(label)] for label in cache["labels"]])
+    acts = cache["acts"]  # [N, n_layers, D]
+    n_classes = len(names)
+    present = torch.bincount(y_all, minlength=n_classes)
+    if (present > 0).sum() < 2:
+        raise UserError(f"{cfg.activations}: probing needs images of at least two classes")
+    train_idx, test_idx = split_indices(y_all, cfg.test_frac, cfg.seed)
+    chance = float(present.max()) / len(y_all)
+    k5 = min(5, n_classes)
+    pairs = read_class_pairs(cfg.pairs) if cfg.pairs else []
+    for src, tgt in pairs:
+        for name in (src, tgt):
+            if name not in names:
+                raise UserError(f"--pairs: class {name!r} is not in the activation cache (classes: {', '.join(names)})")
+
+    metrics: dict[str, Any] = {
+        "activations": str(cfg.activations), "n_classes": n_classes, "class_names": names, "pool": meta["pool"],
+        "chance": chance, "top5_k": k5, "n_train": len(train_idx), "n_test": len(test_idx), "layers": {},
+        "pairs": {}, "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
+        "provenance": provenance(),
+    }
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for li, layer in enumerate(meta["layers"]):
+        x = acts[:, li]
+        probe = fit_linear(x[train_idx], y_all[train_idx], n_classes, cfg, cfg.seed + layer)
+        with torch.no_grad():
+            logits = probe_logits(probe, x[test_idx])
+        y_test = y_all[test_idx]
+        metrics["layers"][str(layer)] = {
+            "top1": topk_accuracy(logits, y_test, 1), "top5": topk_accuracy(logits, y_test, k5),
+            "n_train": len(train_idx), "n_test": len(test_idx), "chance": chance,
+        }
+        save_tensors(cfg.out / f"probe_layer{layer}.safetensors", probe)
+        write_json(cfg.out / f"probe_layer{layer}.json", {
+            "layer": layer, "class_names": names, "d_model": int(x.shape[1]), "pool": meta["pool"],
+            "formula": "logits = ((x - mean) / std) @ weight.T + bias",
+        })
+        pair_tensors = {}
+        for src, tgt in pairs:
+            a, b = names.index(src), names.index(tgt)
+            tr = train_idx[(y_all[train_idx] == a) | (y_all[train_idx] == b)]
+            te = test_idx[(y_all[test_idx] == a) | (y_all[test_idx] == b)]
+            binary = fit_linear(x[tr], (y_all[tr] == b).long(), 2, cfg, cfg.seed + layer)
+            with torch.no_grad():
+                acc = topk_accuracy(probe_logits(binary, x[te]), (y_all[te] == b).long(), 1) if len(te) else None
+            # Direction in the raw residual space that increases the tgt-vs-src logit.
+            direction = (binary["weight"][1] - binary["weight"][0]) / binary["std"]
+            pair_tensors[f"{src}@{tgt}"] = direction
+            metrics["pairs"].setdefault(f"{src}@{tgt}", {})[str(layer)] = {"accuracy": acc, "n_test": len(te)}
+        if pair_tensors:
+            save_tensors(cfg.out / f"pair_probes_layer{layer}.safetensors", pair_tensors,
+                         {"layer": str(layer), "meaning": "direction raising the tgt logit over the src logit"})
+        m = metrics["layers"][str(layer)]
+        print(f"layer {layer:>2}: top-1 {m['top1']:.3f}  top-{k5} {m['top5']:.3f}  (chance {chance:.3f})", flush=True)
+
+    best = max(metrics["layers"], key=lambda layer: metrics["layers"][layer]["top1"])
+    metrics["best_layer"] = int(best)
+    write_json(cfg.out / "metrics.json", metrics)
+    plot_accuracy(metrics, cfg.out / "accuracy_by_layer.png")
+    print(f"best layer {best}: top-1 {metrics['layers'][best]['top1']:.3f}; wrote {cfg.out}/metrics.json, "
+          f"probe weights and accuracy_by_layer.png in {time.perf_counter() - start:.1f}s")
+    return metrics
+
+
+if __name__ == "__main__":
+    from lineofsight.cli import run
+
+    run(main, Config)

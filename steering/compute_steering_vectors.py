@@ -1,0 +1,123 @@
+"""Class steering vectors from a pooled-activation cache: one per class pair and layer.
+
+``--method diff`` (the paper's): ``v = mean(acts[tgt]) - mean(acts[src])`` over the cached
+mean image-token residuals of each class. ``--method probe``: the direction of the binary
+``src@tgt`` probe from ``probes/train_probe.py --pairs`` (raw residual space), rescaled to the
+norm of the diff-of-means vector so that a strength ``k`` means the same for both methods.
+
+Writes ``<out>/vectors.safetensors`` (keys ``"{src}@{tgt}/{layer}"``, each ``[d_model]``) and
+``<out>/vectors.json`` (per vector: pair, layer, norm, images per class; the cache and method).
+
+    python steering/compute_steering_vectors.py --activations runs/acts \\
+        --pairs data/toy/world/class_pairs.txt --out runs/vectors
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+
+@dataclasses.dataclass
+class Config:
+    """Options for computing steering vectors."""
+
+    activations: Path
+    """Activation cache from probes/compute_image_activations.py (the cache folder or the --out given to it)."""
+    pairs: Path
+    """File of src@tgt lines (class names as in the cache)."""
+    out: Path = Path("runs/vectors")
+    """Output folder for vectors.safetensors and vectors.json."""
+    method: Literal["diff", "probe"] = "diff"
+    """'diff': difference of class means (the paper); 'probe': binary probe direction, rescaled to the diff norm."""
+    probes: Path | None = None
+    """With --method probe: the --out folder of probes/train_probe.py --pairs."""
+    n_pairs: int | None = None
+    """Use only the first N pairs of the file (default: all)."""
+    layers: tuple[int, ...] = ()
+    """Layers to compute (default: every layer of the cache). Layer L = input of decoder block L."""
+
+    def __post_init__(self) -> None:
+        from lineofsight.cli import UserError
+
+        if self.method == "probe" and self.probes is None:
+            raise UserError("--method probe needs --probes (the output folder of train_probe.py --pairs)")
+        if self.n_pairs is not None and self.n_pairs < 1:
+            raise UserError("--n-pairs must be positive")
+
+
+def vector_key(src: str, tgt: str, layer: int) -> str:
+    return f"{src}@{tgt}/{layer}"
+
+
+def main(cfg: Config) -> Path:
+    import torch
+    from safetensors.torch import load_file
+
+    from lineofsight.cache import read_activation_cache
+    from lineofsight.cli import UserError
+    from lineofsight.data import read_class_pairs
+    from lineofsight.io import provenance, save_tensors, write_json
+
+    cache = read_activation_cache(cfg.activations)
+    meta = cache["meta"]
+    names: list[str] = meta["class_names"]
+    to_name = {label: name for label, name in zip(meta["class_labels"], names)}
+    labels = [to_name[int(label)] for label in cache["labels"]]
+    pairs = read_class_pairs(cfg.pairs)[: cfg.n_pairs]
+    layers = list(cfg.layers) or list(meta["layers"])
+    for layer in layers:
+        if layer not in meta["layers"]:
+            raise UserError(f"--layers {layer} is not in the cache (cached layers: {meta['layers']})")
+    by_class: dict[str, list[int]] = {}
+    for i, name in enumerate(labels):
+        by_class.setdefault(name, []).append(i)
+    for src, tgt in pairs:
+        for name in (src, tgt):
+            if name not in by_class:
+                from difflib import get_close_matches
+
+                close = get_close_matches(name, names, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise UserError(f"class {name!r} of --pairs has no images in the activation cache{hint}")
+
+    vectors, entries = {}, []
+    for layer in layers:
+        li = meta["layers"].index(layer)
+        acts = cache["acts"][:, li]
+        probe_dirs = None
+        if cfg.method == "probe":
+            path = cfg.probes / f"pair_probes_layer{layer}.safetensors"
+            if not path.is_file():
+                raise UserError(f"--probes {cfg.probes} has no {path.name}; run train_probe.py with --pairs")
+            probe_dirs = load_file(path)
+        for src, tgt in pairs:
+            mean_src = acts[by_class[src]].mean(0)
+            mean_tgt = acts[by_class[tgt]].mean(0)
+            v = mean_tgt - mean_src
+            if probe_dirs is not None:
+                key = f"{src}@{tgt}"
+                if key not in probe_dirs:
+                    raise UserError(f"--probes has no binary probe for {key} at layer {layer}")
+                direction = probe_dirs[key].float()
+                v = direction / direction.norm() * v.norm()
+            vectors[vector_key(src, tgt, layer)] = v.to(torch.float32)
+            entries.append({"src": src, "tgt": tgt, "layer": layer, "norm": float(v.norm()),
+                            "n_src": len(by_class[src]), "n_tgt": len(by_class[tgt]),
+                            "mean_src_norm": float(mean_src.norm()), "mean_tgt_norm": float(mean_tgt.norm())})
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    save_tensors(cfg.out / "vectors.safetensors", vectors, {"method": cfg.method})
+    write_json(cfg.out / "vectors.json", {
+        "method": cfg.method, "activations": str(cfg.activations), "pool": meta["pool"], "layers": layers,
+        "d_model": meta["d_model"], "pairs": [f"{s}@{t}" for s, t in pairs], "vectors": entries,
+        "provenance": provenance(),
+    })
+    print(f"wrote {len(vectors)} vectors ({len(pairs)} pairs x {len(layers)} layers, method {cfg.method}) to {cfg.out}")
+    return cfg.out
+
+
+if __name__ == "__main__":
+    from lineofsight.cli import run
+
+    run(main, Config)

@@ -1,0 +1,314 @@
+"""Efficacy and damage of class steering vectors over the strength k, per layer.
+
+- **Efficacy**: held-out images of ``src`` with the prompt ``Reply either "{src}" or "{tgt}" in
+  lowercase depending on what is shown in the image. Do not output any other text.`` (the order of
+  the two names alternates between images); with ``k * v`` added at the image tokens of the layer,
+  the next-token probability of the first token of ``tgt`` (``p_tgt``) and of ``src`` (``p_src``),
+  and the flip rate (share of images where ``tgt`` is more likely than ``src``).
+- **Damage**: the increase in mean caption NLL (ShareGPT4V-format captions given the image and
+  ``What is shown in this image?``) under the same intervention, ``NLL(k) - NLL(0)``, averaged
+  over pairs.
+- **Rollout score** (with ``--rollouts``): the share of steered rollouts that name ``tgt`` and the
+  share that still name ``src``, per k (a cheap automatic proxy for the paper's human ratings).
+
+Writes ``<out>/metrics.json`` (``metrics[layer][k]`` holds ``p_tgt``, ``p_src``, ``flip_rate``,
+``damage_nll`` and, with rollouts, ``rollout_tgt``/``rollout_src``) and plots ``efficacy.png``,
+``damage.png`` (and ``rollouts.png``), one line per layer.
+
+    python steering/eval_steering.py --vectors runs/vectors --layer 2 3 --out runs/steering_eval
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from lineofsight.toy import TOY_WORLD_DIR
+
+EFFICACY_PROMPT = (
+    'Reply either "{a}" or "{b}" in lowercase depending on what is shown in the image. Do not output any other text.'
+)
+CAPTION_QUESTION = "What is shown in this image?"
+
+
+@dataclasses.dataclass
+class Config:
+    """Options for the steering evaluation."""
+
+    vectors: Path
+    """Folder written by steering/compute_steering_vectors.py."""
+    layer: tuple[int, ...]
+    """Layer(s) to evaluate, each the input of that decoder block; must be among the vectors' layers."""
+    model: str = "toy"
+    """Model: 'toy', an HF id or a local directory (the one the vectors were computed on)."""
+    imagenet_dir: Path = TOY_WORLD_DIR / "imagenet"
+    """ImageNet-layout root; efficacy uses images of each pair's src class from --split."""
+    split: str = "val"
+    """Split with held-out source images."""
+    data: Path = TOY_WORLD_DIR / "sharegpt4v.json"
+    """ShareGPT4V-format JSON with the captions for the damage measurement."""
+    image_root: Path | None = None
+    """Folder the records' image paths are relative to (default: the JSON's folder)."""
+    pairs: Path | None = None
+    """File of src@tgt lines (default: every pair in the vectors)."""
+    n_pairs: int | None = None
+    """Use only the first N pairs."""
+    k: tuple[float, ...] = ()
+    """Strengths (default: the paper's linspace(0, 30, 20))."""
+    images_per_pair: int = 10
+    """Held-out src images per pair for efficacy."""
+    n_captions: int = 32
+    """Captions for the damage measurement."""
+    positions: Literal["image", "prompt", "all"] = "image"
+    """Where the vector is added (image tokens by default)."""
+    rollouts: Path | None = None
+    """rollouts.jsonl from steering/steering_rollouts.py, for the rollout score."""
+    batch_size: int = 32
+    """Prompts per forward pass."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model dtype."""
+    device: str | None = None
+    """Device (default: GPU if there is one, else cpu)."""
+    out: Path = Path("runs/steering_eval")
+    """Output folder for metrics.json and the plots."""
+
+    def __post_init__(self) -> None:
+        from lineofsight.cli import UserError
+
+        if not self.layer:
+            raise UserError("--layer needs at least one layer")
+        for name in ("images_per_pair", "n_captions", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+
+
+def first_token(tokenizer: Any, word: str) -> int:
+    """Id of the first token the model would emit to start answering ``word``."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    return int(ids[0])
+
+
+def _to_device(inputs: Any, model: Any) -> Any:
+    inputs = inputs.to(next(model.parameters()).device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+def efficacy(model: Any, processor: Any, layer: int, cases: list[dict[str, Any]], strengths: list[float],
+             positions: str, batch_size: int) -> dict[float, dict[str, float]]:
+    """``{k: {p_tgt, p_src, flip_rate}}`` averaged over ``cases`` (image, prompt, v, ids of tgt/src)."""
+    import torch
+
+    from lineofsight.steering import steer
+
+    sums = {k: {"p_tgt": 0.0, "p_src": 0.0, "flip_rate": 0.0} for k in strengths}
+    work = [(k, case) for k in strengths for case in cases]
+    for lo in range(0, len(work), batch_size):
+        batch = work[lo : lo + batch_size]
+        inputs = _to_device(processor(text=[c["prompt"] for _, c in batch], images=[c["image"] for _, c in batch],
+                                      return_tensors="pt", padding=True), model)
+        delta = torch.stack([k * c["v"] for k, c in batch])
+        with torch.no_grad(), steer(model, layer, delta, inputs["input_ids"], inputs["attention_mask"], positions):
+            probs = model(**inputs, use_cache=False).logits[:, -1].float().softmax(-1)
+        for row, (k, c) in enumerate(batch):
+            p_tgt, p_src = float(probs[row, c["tgt_id"]]), float(probs[row, c["src_id"]])
+            sums[k]["p_tgt"] += p_tgt
+            sums[k]["p_src"] += p_src
+            sums[k]["flip_rate"] += float(p_tgt > p_src)
+    return {k: {name: value / len(cases) for name, value in s.items()} for k, s in sums.items()}
+
+
+def caption_nll(model: Any, processor: Any, layer: int, captions: list[dict[str, Any]], v: Any,
+                strengths: list[float], positions: str, batch_size: int) -> dict[float, float]:
+    """Mean per-token NLL of the captions given image + question, with ``k * v`` added, per k."""
+    import torch
+
+    from lineofsight.steering import steer
+
+    totals = dict.fromkeys(strengths, 0.0)
+    count = 0
+    for lo in range(0, len(captions), batch_size):
+        batch = captions[lo : lo + batch_size]
+        inputs = _to_device(processor(text=[c["text"] for c in batch], images=[c["image"] for c in batch],
+                                      return_tensors="pt", padding=True), model)
+        targets = inputs["input_ids"][:, 1:]
+        # Left padding: each caption's n tokens are the last n of its row.
+        weights = torch.zeros_like(targets, dtype=torch.float32)
+        for row, c in enumerate(batch):
+            weights[row, -c["n_caption_tokens"]:] = 1.0
+        for k in strengths:
+            delta = (k * v).expand(len(batch), -1)
+            with torch.no_grad(), steer(model, layer, delta, inputs["input_ids"], inputs["attention_mask"],
+                                        positions):
+                logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            totals[k] += float((nll * weights).sum())
+        count += int(weights.sum())
+    return {k: total / count for k, total in totals.items()}
+
+
+def names_in(text: str, name: str) -> bool:
+    """Whether ``name`` (``_`` read as a space) occurs in ``text`` as a whole word."""
+    pattern = r"\b" + re.escape(name.replace("_", " ").lower()) + r"s?\b"
+    return re.search(pattern, text.lower()) is not None
+
+
+def rollout_scores(path: Path, layers: list[int]) -> dict[int, dict[float, dict[str, float]]]:
+    """``{layer: {k: {rollout_tgt, rollout_src, n}}}`` from a rollouts.jsonl."""
+    from lineofsight.cli import UserError
+
+    if not path.is_file():
+        raise UserError(f"--rollouts {path} does not exist")
+    acc: dict[int, dict[float, list[tuple[bool, bool]]]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["layer"] in layers:
+            hits = (names_in(rec["text"], rec["tgt"]), names_in(rec["text"], rec["src"]))
+            acc.setdefault(rec["layer"], {}).setdefault(float(rec["k"]), []).append(hits)
+    return {
+        layer: {k: {"rollout_tgt": sum(t for t, _ in h) / len(h), "rollout_src": sum(s for _, s in h) / len(h),
+                    "n": len(h)} for k, h in sorted(by_k.items())}
+        for layer, by_k in acc.items()
+    }
+
+
+def plot_curves(metrics: dict[str, Any], keys: list[tuple[str, str]], ylabel: str, title: str, path: Path) -> None:
+    """One line per layer (and per key) against k."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lineofsight.io import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    styles = ["-", "--", ":"]
+    for layer, by_k in metrics.items():
+        ks = sorted(by_k, key=float)
+        for (key, label), style in zip(keys, styles):
+            if key in by_k[ks[0]]:
+                ax.plot([float(k) for k in ks], [by_k[k][key] for k in ks], style, marker="o", ms=3,
+                        label=f"layer {layer}" + (f" {label}" if label else ""))
+    ax.set(xlabel="steering strength k", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    import torch
+
+    from lineofsight.cli import UserError
+    from lineofsight.data import (
+        ClassIndex,
+        SkipCounter,
+        imagenet_items,
+        load_image,
+        read_class_pairs,
+        read_sharegpt4v,
+    )
+    from lineofsight.io import provenance, write_json
+    from lineofsight.models import check_layer, format_prompt, load_vlm
+    from lineofsight.steering import load_vectors, paper_strengths
+
+    start = time.perf_counter()
+    strengths = [round(float(k), 6) for k in (cfg.k or paper_strengths())]
+    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device or
+                                ("cuda" if torch.cuda.is_available() else "cpu"))
+    processor.tokenizer.padding_side = "left"
+    tok = processor.tokenizer
+    index = ClassIndex.read(cfg.imagenet_dir)
+    skips = SkipCounter()
+    image_root = cfg.image_root or cfg.data.parent
+    records = read_sharegpt4v(cfg.data)
+    captions = []
+    caption_prompt = format_prompt(processor, CAPTION_QUESTION)
+    n_prompt = len(tok(caption_prompt, add_special_tokens=True)["input_ids"])
+    for rec in records:
+        if len(captions) >= cfg.n_captions:
+            break
+        image = load_image(image_root / rec.image, skips)
+        if image is None:
+            continue
+        text = caption_prompt + " " + rec.caption
+        n_caption = len(tok(text, add_special_tokens=True)["input_ids"]) - n_prompt
+        captions.append({"image": image, "text": text, "n_caption_tokens": n_caption})
+    if not captions:
+        raise UserError(f"no readable caption images in {cfg.data} ({skips.summary()})")
+
+    metrics: dict[str, Any] = {}
+    for layer in cfg.layer:
+        check_layer(model, layer)
+        vectors, vec_info = load_vectors(cfg.vectors, layer)
+        pairs = read_class_pairs(cfg.pairs) if cfg.pairs else [tuple(p.split("@")) for p in vec_info["pairs"]]
+        pairs = pairs[: cfg.n_pairs]
+        cases = []
+        for src, tgt in pairs:
+            key = f"{src}@{tgt}"
+            if key not in vectors:
+                raise UserError(f"no steering vector for {key} at layer {layer} in {cfg.vectors}")
+            src_id, tgt_id = first_token(tok, src), first_token(tok, tgt)
+            if src_id == tgt_id:
+                print(f"warning: {src} and {tgt} start with the same token; efficacy cannot tell them apart")
+            items = imagenet_items(cfg.imagenet_dir, cfg.split, [index.label(src)], index, cfg.images_per_pair)
+            for i, item in enumerate(items):
+                image = load_image(cfg.imagenet_dir / item.path, skips)
+                if image is None:
+                    continue
+                a, b = (src, tgt) if i % 2 == 0 else (tgt, src)
+                cases.append({"image": image, "prompt": format_prompt(processor, EFFICACY_PROMPT.format(a=a, b=b)),
+                              "v": vectors[key].float(), "src_id": src_id, "tgt_id": tgt_id})
+        if not cases:
+            raise UserError(f"no readable source images in {cfg.imagenet_dir / cfg.split} ({skips.summary()})")
+        eff = efficacy(model, processor, layer, cases, strengths, cfg.positions, cfg.batch_size)
+        # k = 0 is the unsteered model: the same baseline for every pair, computed once.
+        some_v = next(iter(vectors.values())).float()
+        base = caption_nll(model, processor, layer, captions, some_v, [0.0], cfg.positions, cfg.batch_size)[0.0]
+        nonzero = [k for k in strengths if k != 0.0]
+        damage = dict.fromkeys(strengths, 0.0)
+        for src, tgt in pairs:
+            nll = caption_nll(model, processor, layer, captions, vectors[f"{src}@{tgt}"].float(), nonzero,
+                              cfg.positions, cfg.batch_size)
+            for k in nonzero:
+                damage[k] += (nll[k] - base) / len(pairs)
+        metrics[str(layer)] = {str(k): {**eff[k], "damage_nll": damage[k], "caption_nll_unsteered": base}
+                               for k in strengths}
+        top = strengths[-1]
+        print(f"layer {layer}: k={top:g}: p_tgt {eff[top]['p_tgt']:.3f}  p_src {eff[top]['p_src']:.3f}  "
+              f"flip {eff[top]['flip_rate']:.2f}  damage {damage[top]:+.3f} nats/token", flush=True)
+    if cfg.rollouts is not None:
+        scores = rollout_scores(cfg.rollouts, list(cfg.layer))
+        for layer, by_k in scores.items():
+            for k, s in by_k.items():
+                metrics[str(layer)].setdefault(str(round(k, 6)), {}).update(s)
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    result = {"metrics": metrics, "k": strengths, "positions": cfg.positions, "n_captions": len(captions),
+              "skipped": skips.to_dict(), "vectors": str(cfg.vectors), "model": cfg.model,
+              "provenance": provenance()}
+    write_json(cfg.out / "metrics.json", result)
+    plot_curves(metrics, [("p_tgt", "p(tgt)"), ("p_src", "p(src)")], "probability of first token",
+                "Efficacy: forced choice under steering", cfg.out / "efficacy.png")
+    plot_curves(metrics, [("damage_nll", "")], "caption NLL increase (nats/token)", "Damage", cfg.out / "damage.png")
+    if cfg.rollouts is not None:
+        plot_curves(metrics, [("rollout_tgt", "names tgt"), ("rollout_src", "names src")], "share of rollouts",
+                    "Rollouts naming the classes", cfg.out / "rollouts.png")
+    print(f"wrote {cfg.out}/metrics.json and plots in {time.perf_counter() - start:.1f}s; {skips.summary()}")
+    return result
+
+
+if __name__ == "__main__":
+    from lineofsight.cli import run
+
+    run(main, Config)

@@ -1,0 +1,261 @@
+"""Steered rollouts: generate from images of class ``src`` with ``k * v(src@tgt)`` added at one layer.
+
+Work units are pairs x images of ``src`` x prompts x strengths ``k`` (the paper: k in
+``linspace(0, 30, 20)``, 10 questions, 100 new tokens). The vector is added to the residual stream
+at ``--layer`` (the input of that decoder block) at ``--positions``: ``image`` (default: exactly
+the image-token positions, found from ``input_ids``, during the prefill only, so generated tokens
+see the edit through the KV cache), ``prompt`` (every prompt position) or ``all`` (prompt and every
+generated token). Generation is batched (left padding, KV cache, greedy by default); positions
+are resolved per sample, so a batch mixes image sizes, prompts and strengths freely.
+
+Output: ``<out>/rollouts.jsonl``, one record per generation (src, tgt, layer, k, prompt_id,
+prompt, image, text, n_tokens, positions). Re-running skips records already written. Under
+``torchrun`` the ranks take disjoint units and append to ``rollouts.rank{r}.jsonl``; rank 0 merges.
+
+    python steering/steering_rollouts.py --vectors runs/vectors --layer 3 --out runs/rollouts
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from lineofsight.toy import TOY_WORLD_DIR
+
+#: Ten open questions about the image (used when --prompts is not given).
+DEFAULT_PROMPTS = (
+    "What is shown in this image?",
+    "Describe this image.",
+    "What is the main object in this picture?",
+    "What do you see?",
+    "Describe the picture in one sentence.",
+    "What is in the image?",
+    "Tell me what this image shows.",
+    "What object is in the center of the image?",
+    "Write a short caption for this image.",
+    "What is this a picture of?",
+)
+
+
+@dataclasses.dataclass
+class Config:
+    """Options for steered rollouts."""
+
+    vectors: Path
+    """Folder written by steering/compute_steering_vectors.py (vectors.safetensors + vectors.json)."""
+    layer: int
+    """Layer to steer: the input of decoder block L (= hidden_states[L]); must be among the vectors' layers."""
+    model: str = "toy"
+    """Model: 'toy', an HF id or a local directory (the one the vectors were computed on)."""
+    imagenet_dir: Path = TOY_WORLD_DIR / "imagenet"
+    """ImageNet-layout root with imagenet_class_index.json; images of each pair's src class are steered."""
+    split: str = "val"
+    """Split folder to take the source images from (held out from the vectors' split)."""
+    pairs: Path | None = None
+    """File of src@tgt lines to run (default: every pair in the vectors)."""
+    n_pairs: int | None = None
+    """Use only the first N pairs."""
+    k: tuple[float, ...] = ()
+    """Steering strengths (default: the paper's 20 values linspace(0, 30, 20))."""
+    normalize: bool = False
+    """Make k a multiple of the mean residual norm at --layer (over image tokens): delta = k * mean_norm * v / |v|."""
+    prompts: Path | None = None
+    """File with one question per line (default: ten open questions about the image)."""
+    images_per_pair: int = 5
+    """Source-class images per pair."""
+    max_new_tokens: int = 100
+    """Tokens to generate per rollout (the paper: 100)."""
+    positions: Literal["image", "prompt", "all"] = "image"
+    """Where the vector is added (see the module docstring)."""
+    batch_size: int = 32
+    """Rollouts generated together."""
+    resize: int | None = None
+    """Resize images to this square size first (the paper: 336)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model dtype."""
+    device: str | None = None
+    """Device (default: this rank's GPU if there is one, else cpu)."""
+    out: Path = Path("runs/rollouts")
+    """Output folder for rollouts.jsonl."""
+
+    def __post_init__(self) -> None:
+        from lineofsight.cli import UserError
+
+        for name in ("images_per_pair", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+
+
+def unit_key(rec: dict[str, Any]) -> tuple:
+    return (rec["src"], rec["tgt"], rec["layer"], round(float(rec["k"]), 6), rec["prompt_id"], rec["image"],
+            rec["positions"])
+
+
+def read_done(out: Path) -> dict[tuple, dict[str, Any]]:
+    """Records already written (merged file and any rank part files), by unit key."""
+    done: dict[tuple, dict[str, Any]] = {}
+    for path in [out / "rollouts.jsonl", *sorted(out.glob("rollouts.rank*.jsonl"))]:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill: that unit is simply redone
+                continue
+            done[unit_key(rec)] = rec
+    return done
+
+
+def mean_residual_norm(model: Any, processor: Any, images: list[Any], prompt: str, layer: int) -> float:
+    """Mean L2 norm of the residual at ``layer`` over the image-token positions of ``images``."""
+    import torch
+
+    from lineofsight.hooks import Trace
+    from lineofsight.models import image_token_mask, residual_site
+
+    inputs = processor(text=[prompt] * len(images), images=images, return_tensors="pt", padding=True)
+    inputs = inputs.to(next(model.parameters()).device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.no_grad(), Trace(model, residual_site(model, layer), retain_input=True, retain_output=False,
+                                stop=True) as tr:
+        model(**inputs)
+    mask = image_token_mask(inputs["input_ids"], model)
+    return float(tr.input[mask].float().norm(dim=-1).mean())
+
+
+def generate_steered(model: Any, processor: Any, images: list[Any], prompts: list[str], delta_BD: Any,
+                     layer: int, positions: str, max_new_tokens: int) -> tuple[list[str], list[int]]:
+    """Greedy batched generation with ``delta_BD[b]`` added at ``layer``; texts and new-token counts."""
+    import torch
+
+    from lineofsight.steering import steer
+
+    tok = processor.tokenizer
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    inputs = inputs.to(next(model.parameters()).device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.no_grad(), steer(model, layer, delta_BD, inputs["input_ids"], inputs["attention_mask"], positions):
+        out_BT = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    new_BT = out_BT[:, inputs["input_ids"].shape[1]:]
+    n_tokens = []
+    for row in new_BT.tolist():
+        n = len(row)
+        if tok.eos_token_id in row:
+            n = row.index(tok.eos_token_id) + 1
+        n_tokens.append(n)
+    texts = [t.strip() for t in tok.batch_decode(new_BT, skip_special_tokens=True)]
+    return texts, n_tokens
+
+
+def main(cfg: Config) -> Path:
+    import torch
+    from tqdm import tqdm
+
+    from lineofsight import dist
+    from lineofsight.cli import UserError
+    from lineofsight.data import ClassIndex, SkipCounter, imagenet_items, load_image, read_class_pairs
+    from lineofsight.io import atomic_write_text, write_json
+    from lineofsight.models import check_layer, format_prompt, load_vlm
+    from lineofsight.steering import load_vectors, paper_strengths
+
+    start = time.perf_counter()
+    info = dist.setup(seed=0, device=cfg.device)
+    vectors, vec_info = load_vectors(cfg.vectors, cfg.layer)
+    pairs = read_class_pairs(cfg.pairs) if cfg.pairs else [tuple(p.split("@")) for p in vec_info["pairs"]]
+    pairs = pairs[: cfg.n_pairs]
+    for src, tgt in pairs:
+        if f"{src}@{tgt}" not in vectors:
+            raise UserError(f"no steering vector for {src}@{tgt} at layer {cfg.layer} in {cfg.vectors}")
+    questions = list(DEFAULT_PROMPTS)
+    if cfg.prompts is not None:
+        if not cfg.prompts.is_file():
+            raise UserError(f"--prompts {cfg.prompts} does not exist")
+        questions = [line.strip() for line in cfg.prompts.read_text().splitlines() if line.strip()]
+        if not questions:
+            raise UserError(f"--prompts {cfg.prompts} holds no questions")
+    strengths = list(cfg.k) or paper_strengths()
+    index = ClassIndex.read(cfg.imagenet_dir)
+    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=info.device)
+    check_layer(model, cfg.layer)
+    processor.tokenizer.padding_side = "left"
+    prompts = [format_prompt(processor, q) for q in questions]
+
+    # Work units, in a fixed order: pair, image, prompt, k.
+    skips = SkipCounter()
+    images: dict[str, Any] = {}
+    units = []
+    for src, tgt in pairs:
+        items = imagenet_items(cfg.imagenet_dir, cfg.split, [index.label(src)], index, cfg.images_per_pair)
+        for item in items:
+            if item.path not in images:
+                images[item.path] = load_image(cfg.imagenet_dir / item.path, skips, cfg.resize)
+            if images[item.path] is None:
+                continue
+            for prompt_id in range(len(prompts)):
+                for k in strengths:
+                    units.append({"src": src, "tgt": tgt, "layer": cfg.layer, "k": round(float(k), 6),
+                                  "prompt_id": prompt_id, "prompt": questions[prompt_id], "image": item.path,
+                                  "positions": cfg.positions})
+    if not units:
+        raise UserError(f"no readable source images in {cfg.imagenet_dir / cfg.split} ({skips.summary()})")
+
+    scale = 1.0
+    if cfg.normalize:
+        sample = [im for im in images.values() if im is not None][: cfg.batch_size]
+        scale = mean_residual_norm(model, processor, sample, prompts[0], cfg.layer)
+        dist.print0(f"--normalize: mean residual norm at layer {cfg.layer} is {scale:.3f}")
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    done = read_done(cfg.out)
+    mine = [u for i, u in enumerate(units) if i % info.world_size == info.rank and unit_key(u) not in done]
+    dist.print0(f"{len(units)} rollouts ({len(pairs)} pairs x {len(strengths)} k x {len(prompts)} prompts x "
+                f"<= {cfg.images_per_pair} images); {len(done)} already written")
+    part = cfg.out / f"rollouts.rank{info.rank}.jsonl"
+    n_tokens_total = 0
+    progress = tqdm(total=len(mine), desc="rollouts", unit="gen", disable=not info.is_main)
+    t0 = time.perf_counter()
+    with part.open("a") as sink:
+        for lo in range(0, len(mine), cfg.batch_size):
+            batch = mine[lo : lo + cfg.batch_size]
+            deltas = []
+            for u in batch:
+                v = vectors[f"{u['src']}@{u['tgt']}"].float()
+                deltas.append(u["k"] * (scale * v / v.norm() if cfg.normalize else v))
+            texts, n_tokens = generate_steered(
+                model, processor, [images[u["image"]] for u in batch], [prompts[u["prompt_id"]] for u in batch],
+                torch.stack(deltas), cfg.layer, cfg.positions, cfg.max_new_tokens,
+            )
+            for u, text, n in zip(batch, texts, n_tokens):
+                sink.write(json.dumps({**u, "text": text, "n_tokens": n}) + "\n")
+            sink.flush()
+            n_tokens_total += sum(n_tokens)
+            progress.update(len(batch))
+            progress.set_postfix(tok_s=f"{n_tokens_total / (time.perf_counter() - t0):.0f}")
+    progress.close()
+    dist.barrier()
+    if info.is_main:
+        merged = read_done(cfg.out)
+        order = {unit_key(u): i for i, u in enumerate(units)}
+        records = sorted((r for key, r in merged.items() if key in order), key=lambda r: order[unit_key(r)])
+        atomic_write_text(cfg.out / "rollouts.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        for p in cfg.out.glob("rollouts.rank*.jsonl"):
+            p.unlink()
+        write_json(cfg.out / "rollouts_config.json", {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
+            "k": strengths, "questions": questions, "residual_scale": scale, "skipped": skips.to_dict(),
+        })
+    dist.barrier()
+    dist.print0(f"wrote {cfg.out / 'rollouts.jsonl'}: {len(units)} rollouts, {n_tokens_total} new tokens by rank 0 "
+                f"in {time.perf_counter() - start:.1f}s; {skips.summary()}")
+    dist.cleanup()
+    return cfg.out / "rollouts.jsonl"
+
+
+if __name__ == "__main__":
+    from lineofsight.cli import run
+
+    run(main, Config)

@@ -1,0 +1,178 @@
+"""lineofsight.steering: exact edits at the chosen positions, prefill only, cache-independent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import images
+
+from lineofsight.hooks import Trace
+from lineofsight.models import format_prompt, image_token_mask, residual_site
+from lineofsight.steering import steer
+
+
+def _batch(processor):
+    processor.tokenizer.padding_side = "left"
+    prompts = [format_prompt(processor, "What is shown in this image?"), format_prompt(processor, "Describe it.")]
+    return processor(text=prompts, images=images([(64, 64), (48, 80)]), return_tensors="pt", padding=True)
+
+
+def test_zero_vector_is_identity(tiny_models):
+    model, processor = tiny_models("next-mistral")
+    inputs = _batch(processor)
+    with torch.no_grad():
+        clean = model(**inputs).logits
+        with steer(model, 1, torch.zeros(64), inputs["input_ids"], inputs["attention_mask"]):
+            steered = model(**inputs).logits
+    assert torch.equal(clean, steered)
+
+
+@pytest.mark.parametrize("positions", ["image", "prompt", "all"])
+def test_edit_lands_exactly_on_positions(tiny_models, positions):
+    model, processor = tiny_models("next-mistral")
+    inputs = _batch(processor)
+    layer = 2
+    delta_BD = torch.randn(2, 64)
+    with torch.no_grad():
+        clean = model(**inputs, output_hidden_states=True).hidden_states[layer]
+        # Read the edited residual with a second trace registered after the steering hook.
+        with steer(model, layer, delta_BD, inputs["input_ids"], inputs["attention_mask"], positions):
+            with Trace(model, residual_site(model, layer), retain_input=True, retain_output=False) as tr:
+                model(**inputs)
+    if positions == "image":
+        mask = image_token_mask(inputs["input_ids"], model)
+    else:
+        mask = inputs["attention_mask"].bool()
+    assert torch.equal(tr.input, clean + mask[..., None] * delta_BD[:, None, :])
+    assert (~mask).any() and mask.any()
+
+
+@pytest.mark.parametrize("positions", ["image", "all"])
+def test_cached_and_uncached_generation_agree(tiny_models, positions):
+    model, processor = tiny_models("next-llama")
+    inputs = _batch(processor)
+    delta = torch.randn(64) * 5
+    pad = processor.tokenizer.pad_token_id
+    outs = []
+    for use_cache in (True, False):
+        with torch.no_grad(), steer(model, 1, delta, inputs["input_ids"], inputs["attention_mask"], positions):
+            outs.append(model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=use_cache,
+                                       pad_token_id=pad, eos_token_id=None))
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], plain)  # the edit changed what the model says
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts: compute_steering_vectors.py, steering_rollouts.py, eval_steering.py
+# ---------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from conftest import ROOT, load_script  # noqa: E402
+
+from lineofsight.cache import read_activation_cache  # noqa: E402
+from lineofsight.cli import UserError  # noqa: E402
+
+extract = load_script("probes/compute_image_activations.py")
+vectors_script = load_script("steering/compute_steering_vectors.py")
+rollouts_script = load_script("steering/steering_rollouts.py")
+eval_script = load_script("steering/eval_steering.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_model_dir, small_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("steer")
+    cache = extract.main(extract.Config(model=str(tiny_model_dir), imagenet_dir=small_world / "imagenet",
+                                        images_per_class=3, out=tmp / "acts"))
+    (tmp / "pairs.txt").write_text("circle@square\nstar@triangle\n")
+    vectors_script.main(vectors_script.Config(activations=cache, pairs=tmp / "pairs.txt", out=tmp / "vec"))
+    return {"tmp": tmp, "cache": cache, "model": str(tiny_model_dir), "world": small_world}
+
+
+def test_vectors_are_differences_of_class_means(tiny_setup):
+    from safetensors.torch import load_file
+
+    cache = read_activation_cache(tiny_setup["cache"])
+    names = cache["meta"]["class_names"]
+    vecs = load_file(tiny_setup["tmp"] / "vec" / "vectors.safetensors")
+    info = json.loads((tiny_setup["tmp"] / "vec" / "vectors.json").read_text())
+    assert len(vecs) == 2 * len(cache["meta"]["layers"]) == len(info["vectors"])
+    for li, layer in enumerate(cache["meta"]["layers"]):
+        acts = cache["acts"][:, li]
+        mean = {n: acts[cache["labels"] == cache["meta"]["class_labels"][names.index(n)]].mean(0) for n in names}
+        torch.testing.assert_close(vecs[f"circle@square/{layer}"], mean["square"] - mean["circle"], rtol=0, atol=1e-6)
+    entry = info["vectors"][0]
+    assert entry["n_src"] == entry["n_tgt"] == 3
+
+
+def test_vectors_bad_class_is_named(tiny_setup):
+    (tiny_setup["tmp"] / "bad.txt").write_text("circle@sqare\n")
+    with pytest.raises(UserError, match="class 'sqare'.*did you mean square"):
+        vectors_script.main(vectors_script.Config(activations=tiny_setup["cache"], pairs=tiny_setup["tmp"] / "bad.txt",
+                                                  out=tiny_setup["tmp"] / "bad"))
+
+
+def _rollout_cfg(setup, out, **kw):
+    base = dict(vectors=setup["tmp"] / "vec", layer=1, model=setup["model"], imagenet_dir=setup["world"] / "imagenet",
+                split="train", k=(0.0, 50.0), images_per_pair=2, max_new_tokens=4, batch_size=5, out=out)
+    return rollouts_script.Config(**{**base, **kw})
+
+
+def test_rollouts_batching_resume_and_k0(tiny_setup, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is shown in this image?\nDescribe it.\n")
+    path = rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "a", prompts=prompts))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 2 * 2 * 2 * 2  # pairs x images x prompts x k
+    for key in ("src", "tgt", "layer", "k", "prompt", "image", "text", "n_tokens"):
+        assert key in records[0]
+    # Batch size changes nothing; k = 0 matches plain generation.
+    one = rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "b", prompts=prompts, batch_size=1))
+    assert [json.loads(line)["text"] for line in one.read_text().splitlines()] == [r["text"] for r in records]
+    # Resume: drop the last records (and leave a torn line), re-run, get the same file.
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:9]) + '\n{"src": "cir')
+    again = rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "a", prompts=prompts))
+    assert again.read_text().splitlines() == lines
+
+
+def test_rollouts_under_torchrun_match_single_process(tiny_setup, tmp_path):
+    single = rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "single", n_pairs=1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "steering/steering_rollouts.py", "--vectors", str(tiny_setup["tmp"] / "vec"), "--layer", "1",
+         "--model", tiny_setup["model"], "--imagenet-dir", str(tiny_setup["world"] / "imagenet"), "--split", "train",
+         "--k", "0", "50", "--images-per-pair", "2", "--max-new-tokens", "4", "--batch-size", "5", "--n-pairs", "1",
+         "--device", "cpu", "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "ddp" / "rollouts.jsonl").read_text() == single.read_text()
+    assert not list((tmp_path / "ddp").glob("rollouts.rank*"))
+
+
+def test_eval_steering_metrics(tiny_setup, tmp_path):
+    result = eval_script.main(eval_script.Config(
+        vectors=tiny_setup["tmp"] / "vec", layer=(1, 2), model=tiny_setup["model"],
+        imagenet_dir=tiny_setup["world"] / "imagenet", split="train", data=tiny_setup["world"] / "sharegpt4v.json",
+        k=(0.0, 20.0), images_per_pair=2, n_captions=3, out=tmp_path / "e"))
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"1", "2"} and set(metrics["1"]) == {"0.0", "20.0"}
+    for layer in ("1", "2"):
+        assert metrics[layer]["0.0"]["damage_nll"] == 0.0
+        assert set(metrics[layer]["20.0"]) >= {"p_tgt", "p_src", "flip_rate", "damage_nll"}
+        assert metrics[layer]["20.0"]["damage_nll"] != 0.0
+    assert result["n_captions"] == 3
+    for plot in ("efficacy.png", "damage.png"):
+        assert (tmp_path / "e" / plot).stat().st_size > 1000
+
+
+def test_rollouts_bad_layer(tiny_setup, tmp_path):
+    with pytest.raises(UserError, match=r"--layer 7: the vectors .* are for layers \[0, 1, 2, 3\]"):
+        rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "x", layer=7))
