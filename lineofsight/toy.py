@@ -42,7 +42,7 @@ TOY_MODEL_DIR = REPO_ROOT / "data" / "toy" / "model"
 # The world
 # ---------------------------------------------------------------------------------------------
 
-CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "heart", "hexagon")
+CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "heart", "ring")
 """Shape classes; single lowercase words, also the ImageNet-layout class names."""
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES: tuple[str, ...] = ("small", "medium", "large")
@@ -62,7 +62,7 @@ _RGB = {
     "orange": (245, 140, 30),
 }
 # Half-extent of the shape as a fraction of the image side, per size word.
-_RADIUS = {"small": (0.11, 0.16), "medium": (0.18, 0.24), "large": (0.26, 0.33)}
+_RADIUS = {"small": (0.2, 0.25), "medium": (0.29, 0.33), "large": (0.37, 0.42)}
 # Independent random streams: the same (seed, stream, index) always yields the same image, and
 # the training stream never overlaps the held-out or world splits.
 _STREAMS = {"imagenet/train": 1, "imagenet/val": 2, "sharegpt4v": 3, "train": 4, "heldout": 5, "pairs": 6}
@@ -88,6 +88,8 @@ class ToySample:
     colour: str
     size: str
     background: str
+    mask: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    """shape coverage in [0, 1], shape (H, W)"""
 
     @property
     def label(self) -> int:
@@ -119,7 +121,7 @@ def _unit_polygon(cls: str) -> np.ndarray | None:
         r = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
         return np.stack([r * np.cos(a), r * np.sin(a) + 0.08], 1)
     if cls == "cross":
-        w, l = 0.3, 0.95
+        w, l = 0.24, 0.95
         return np.array(
             [[-w, -l], [w, -l], [w, -w], [l, -w], [l, w], [w, w], [w, l], [-w, l], [-w, w], [-l, w], [-l, -w], [-w, -w]]
         )
@@ -130,10 +132,7 @@ def _unit_polygon(cls: str) -> np.ndarray | None:
         x = 16 * np.sin(t) ** 3
         y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
         return np.stack([x / 16.5, -(y + 2.5) / 15.0], 1)
-    if cls == "hexagon":
-        a = np.deg2rad(60 * np.arange(6))
-        return np.stack([np.cos(a), np.sin(a)], 1)
-    if cls == "circle":
+    if cls in ("circle", "ring"):
         return None
     raise ValueError(f"unknown class {cls!r}")
 
@@ -147,6 +146,9 @@ def _shape_mask(cls: str, cx: float, cy: float, radius: float, angle: float, ima
     if poly is None:
         r = radius * 0.9 * s
         draw.ellipse([cx * s - r, cy * s - r, cx * s + r, cy * s + r], fill=255)
+        if cls == "ring":
+            r = radius * 0.5 * s
+            draw.ellipse([cx * s - r, cy * s - r, cx * s + r, cy * s + r], fill=0)
     else:
         rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
         pts = (poly @ rot.T) * radius + np.array([cx, cy])
@@ -173,12 +175,12 @@ def render_sample(seed: int, stream: str, index: int, image_size: int = 64, cls:
     elif background == "light":
         bg = rng.uniform(205, 250, 3) + rng.normal(0, 4, (n, n, 3))
     else:  # noisy: mid-grey with strong per-pixel colour noise
-        bg = rng.uniform(80, 170) + rng.uniform(-20, 20, 3) + rng.normal(0, 38, (n, n, 3))
+        bg = rng.uniform(80, 170) + rng.uniform(-20, 20, 3) + rng.normal(0, 12, (n, n, 3))
     fg = np.array(_RGB[colour], dtype=np.float64) + rng.integers(-20, 21, 3)
     mask = _shape_mask(cls, cx, cy, radius, angle, image_size)[..., None].astype(np.float64)
     pixels = bg * (1 - mask) + fg * mask + rng.normal(0, 3, (n, n, 3))
     image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
-    return ToySample(image=image, cls=cls, colour=colour, size=size, background=background)
+    return ToySample(image=image, cls=cls, colour=colour, size=size, background=background, mask=mask[..., 0])
 
 
 def make_samples(n_per_class: int, seed: int = 0, stream: str = "heldout", image_size: int = 64) -> list[ToySample]:
@@ -450,6 +452,9 @@ class ToyModelConfig:
     text_intermediate: int = 256
     vision_feature_layer: int = -1
     """hidden_states index of the tower fed to the projector (-1: last layer, pre post-layernorm)"""
+    tie_word_embeddings: bool = True
+    """share the input embedding and the LM head: a class word's embedding then lives where the
+    model writes the class it sees, which makes "Is there a <class>?" a dot product to learn"""
 
 
 def build_toy_model(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaNextForConditionalGeneration:
@@ -479,7 +484,7 @@ def build_toy_model(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast, see
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.tie_word_embeddings,
     )
     config = LlavaNextConfig(
         vision_config=vision,
@@ -488,7 +493,7 @@ def build_toy_model(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast, see
         vision_feature_select_strategy="default",
         vision_feature_layer=cfg.vision_feature_layer,
         image_grid_pinpoints=pinpoints(cfg.tile_size),
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).float().eval()

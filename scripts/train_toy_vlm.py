@@ -53,9 +53,9 @@ class Config:
     """architecture sizes"""
     image_size: int = 64
     """side of the world images in pixels (64 -> 2x2 anyres tiles of 32 plus the base tile)"""
-    n_images: int = 4000
+    n_images: int = 6000
     """distinct training images, rendered in memory from the world generator"""
-    pretrain_steps: int = 600
+    pretrain_steps: int = 900
     """stage 1: vision-tower classification steps"""
     pretrain_batch_size: int = 64
     """stage 1: images per step"""
@@ -77,12 +77,24 @@ class Config:
     """stage 2: probability an image example is a forced choice (the rest are yes/no)"""
     p_colour_question: float = 0.25
     """stage 2: fraction of yes/no examples that ask about the colour instead of the class"""
+    yesno_bias: float = 0.35
+    """stage 2 curriculum: P(yes) starts at 0.5 +- this (by image class half) and decays to 0.5"""
+    yesno_bias_until: float = 0.5
+    """stage 2 curriculum: fraction of the steps after which yes/no answers are balanced"""
     yesno_weight: float = 2.0
     """stage 2: loss weight of a yes/no example relative to the others"""
+    p_text_yesno: float = 0.5
+    """stage 2: fraction of text-only rows that are yes/no questions about a caption given as text"""
     text_weight: float = 0.3
     """stage 2: weight of the text-only caption loss"""
-    train_tower: bool = False
-    """stage 2: also fine-tune the vision tower (slower; off since the pre-trained tower suffices)"""
+    train_tower: bool = True
+    """stage 2: keep training the vision tower (at tower_lr_scale x lr); costs ~15 % per step"""
+    tower_lr_scale: float = 0.3
+    """stage 2: learning-rate multiplier of the vision tower"""
+    init_from: Path | None = None
+    """start stage 2 from this saved toy model instead of a fresh one (skips stage 1)"""
+    log_every: int = 50
+    """stage 2: every this many steps, print teacher-forced held-out accuracies of the answer word"""
     n_eval_per_class: int = 16
     """held-out images per class for the final accuracies"""
     threads: int = 2
@@ -101,7 +113,7 @@ class Config:
                 text_kv_heads=1,
                 text_intermediate=64,
             )
-            self.n_images, self.pretrain_steps, self.steps = 64, 10, 40
+            self.n_images, self.pretrain_steps, self.steps = 64, 10, 120
             self.pretrain_batch_size, self.batch_size, self.text_batch_size = 16, 8, 4
             self.n_eval_per_class = 1
         if not 0 <= self.p_caption + self.p_forced_choice <= 1:
@@ -118,36 +130,70 @@ def _lr_factor(step: int, n_steps: int, warmup_frac: float) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pretrain_tower(cfg: Config, model: Any, pixels_NPCHW: Any, attrs: dict[str, Any], gen: Any) -> float:
-    """Stage 1; returns the training-batch class accuracy over the last 10 % of steps."""
+def hflip_tiles(pixels_BPCHW: Any, flip_B: Any, grid: tuple[int, int]) -> Any:
+    """Mirror images left-right in processed anyres form: every tile is mirrored and the tile columns
+    reversed (the base tile, index 0, stays first). Every world class is left-right symmetric up to
+    the tilt the generator already randomises, so captions and answers stay correct."""
+    import torch
+
+    rows, cols = grid
+    perm = [0] + [1 + r * cols + (cols - 1 - c) for r in range(rows) for c in range(cols)]
+    flipped = pixels_BPCHW[:, perm].flip(-1)
+    return torch.where(flip_B[:, None, None, None, None], flipped, pixels_BPCHW)
+
+
+def pretrain_vision(
+    cfg: Config, model: Any, pixels_NPCHW: Any, attrs: dict[str, Any], grid: tuple[int, int], gen: Any
+) -> dict[str, float]:
+    """Stage 1: the tower and the projector learn shape, colour, size and background.
+
+    Two readouts per attribute, summed:
+
+    * **max**: a linear head on the max over all patch tokens of all tiles of the hidden state the
+      projector reads. Max pooling sends the gradient to the tokens on the shape, so the tower
+      learns shape features fast; mean pooling drowns them in background tokens and stays near
+      chance for the whole budget.
+    * **mean**: a linear head on the mean over tokens of ``RMSNorm(projector(token))``, which is
+      what a freshly initialised language model sees through near-uniform attention after its
+      first RMSNorm. Training the projector so that this average is decodable gives the language
+      model a first-order signal from the image; with a random projector (or one whose features
+      are only max-decodable) it learns the text prior and ignores the image for the whole run.
+
+    Returns held-in accuracies of both readouts over the last 10 % of steps.
+    """
     import torch
     from torch import nn
     from tqdm import tqdm
 
     from lineofsight.toy import BACKGROUNDS, CLASSES, COLOURS, SIZES
 
-    tower = model.model.vision_tower
-    d = cfg.model.vision_hidden
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    d, d_text = cfg.model.vision_hidden, cfg.model.text_hidden
     n_classes = {"cls": len(CLASSES), "colour": len(COLOURS), "size": len(SIZES), "background": len(BACKGROUNDS)}
-    heads = nn.ModuleDict({k: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n)) for k, n in n_classes.items()})
-    params = list(tower.parameters()) + list(heads.parameters())
+    max_heads = nn.ModuleDict({k: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n)) for k, n in n_classes.items()})
+    mean_norm = nn.RMSNorm(d_text, eps=1e-6)
+    mean_heads = nn.ModuleDict({k: nn.Linear(d_text, n) for k, n in n_classes.items()})
+    modules = [tower, projector, max_heads, mean_norm, mean_heads]
+    params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.pretrain_steps, cfg.warmup_frac))
     tower.train()
-    n, n_tiles = pixels_NPCHW.shape[:2]
-    hits: list[float] = []
-    bar = tqdm(range(cfg.pretrain_steps), desc="stage 1: vision tower", file=sys.stdout, mininterval=5)
+    n = pixels_NPCHW.shape[0]
+    hits: dict[str, list[float]] = {"max": [], "mean": []}
+    bar = tqdm(range(cfg.pretrain_steps), desc="stage 1: vision", file=sys.stdout, mininterval=10)
     for step in bar:
         idx = torch.randint(n, (cfg.pretrain_batch_size,), generator=gen)
-        pix = pixels_NPCHW[idx].flatten(0, 1)
-        hidden = tower(pix, output_hidden_states=True).hidden_states[cfg.model.vision_feature_layer]
-        pooled_BD = hidden[:, 1:].reshape(len(idx), -1, d).mean(1)  # patch tokens of all tiles, CLS dropped
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        pix = hflip_tiles(pixels_NPCHW[idx], flip, grid).flatten(0, 1)
+        hidden = tower(pix, output_hidden_states=True).hidden_states[cfg.model.vision_feature_layer][:, 1:]
+        max_BD = hidden.reshape(len(idx), -1, d).amax(1)
+        mean_BH = mean_norm(projector(hidden)).reshape(len(idx), -1, d_text).mean(1)
         loss = torch.zeros(())
-        for key, head in heads.items():
-            logits = head(pooled_BD)
-            loss = loss + nn.functional.cross_entropy(logits, attrs[key][idx])
-            if key == "cls" and step >= 0.9 * cfg.pretrain_steps:
-                hits.append((logits.argmax(-1) == attrs[key][idx]).float().mean().item())
+        for key in n_classes:
+            for name, logits in (("max", max_heads[key](max_BD)), ("mean", mean_heads[key](mean_BH))):
+                loss = loss + nn.functional.cross_entropy(logits, attrs[key][idx])
+                if key == "cls" and step >= 0.9 * cfg.pretrain_steps:
+                    hits[name].append((logits.argmax(-1) == attrs[key][idx]).float().mean().item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -156,7 +202,7 @@ def pretrain_tower(cfg: Config, model: Any, pixels_NPCHW: Any, attrs: dict[str, 
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     tower.eval()
-    return sum(hits) / max(1, len(hits))
+    return {k: sum(v) / max(1, len(v)) for k, v in hits.items()}
 
 
 def main(cfg: Config) -> dict[str, Any]:
@@ -165,6 +211,7 @@ def main(cfg: Config) -> dict[str, Any]:
     from torch import nn
     from tqdm import tqdm
     from transformers import __version__ as transformers_version
+    from transformers.image_processing_utils import select_best_resolution
 
     from lineofsight import toy
 
@@ -179,7 +226,10 @@ def main(cfg: Config) -> dict[str, Any]:
 
     processor = toy.build_toy_processor(cfg.model.tile_size, cfg.model.patch_size)
     tok = processor.tokenizer
-    model = toy.build_toy_model(cfg.model, tok, seed=cfg.seed)
+    if cfg.init_from is not None:
+        model, _ = toy.load_toy(cfg.init_from)
+    else:
+        model = toy.build_toy_model(cfg.model, tok, seed=cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"toy LLaVA-NeXT: {n_params / 1e6:.2f} M parameters, vocabulary {len(tok)}")
 
@@ -197,7 +247,14 @@ def main(cfg: Config) -> dict[str, Any]:
     probe_prompt = toy.chat_prompt(processor, toy.CAPTION_QUESTION)
     probe = processor(text=[probe_prompt], images=[samples[0].image], return_tensors="pt")
     n_image_tokens = int((probe["input_ids"] == model.config.image_token_id).sum())
-    print(f"{cfg.n_images} training images {tuple(pixels_NPCHW.shape[1:])}, {n_image_tokens} image tokens each")
+    if len({tuple(hw) for hw in sizes_N2.tolist()}) != 1:
+        raise RuntimeError("training images must share one size")
+    best_h, best_w = select_best_resolution(sizes_N2[0].tolist(), model.config.image_grid_pinpoints)
+    grid = (best_h // cfg.model.tile_size, best_w // cfg.model.tile_size)  # anyres tile rows, cols
+    print(
+        f"{cfg.n_images} training images {tuple(pixels_NPCHW.shape[1:])} ({grid[0]}x{grid[1]} tiles + base), "
+        f"{n_image_tokens} image tokens each"
+    )
 
     prompt_cache: dict[tuple[str, bool], list[int]] = {}
 
@@ -219,21 +276,54 @@ def main(cfg: Config) -> dict[str, Any]:
     if prompt_ids(toy.CAPTION_QUESTION) != probe["input_ids"][0].tolist():
         raise RuntimeError("hand-built prompt ids disagree with the processor's")
 
-    def example(i: int) -> tuple[str, str, float]:
-        """(question, answer, weight) of a random task for training image i."""
+    def curriculum_bias(progress: float) -> float:
+        if not cfg.yesno_bias_until:
+            return 0.0
+        return cfg.yesno_bias * max(0.0, 1 - progress / cfg.yesno_bias_until)
+
+    def ask(names: tuple[str, ...], true: str, bias: float) -> tuple[str, bool]:
+        """(name asked about, whether it is the true one) for a yes/no question.
+
+        With bias 0: yes half the time, otherwise a uniformly drawn other name. With bias b > 0
+        (the curriculum's early steps), items of the first half of ``names`` get P(yes) = 0.5 + b
+        and the others 0.5 - b, and "no" questions prefer names of the second half. The answer
+        then also depends on the image and on the question word *separately*, which a small model
+        picks up at once; from there it learns the comparison. Without it, yes/no stays at
+        chance for the whole budget (the loss only rewards the product of both signals).
+        """
+        first_half = names.index(true) < len(names) // 2
+        if rng.random() < 0.5 + (bias if first_half else -bias):
+            return true, True
+        others = [n for n in names if n != true]
+        w = np.array([0.5 - bias if names.index(n) < len(names) // 2 else 0.5 + bias for n in others])
+        return others[int(rng.choice(len(others), p=w / w.sum()))], False
+
+    def example(i: int, progress: float) -> tuple[str, str, float]:
+        """(question, answer, weight) of a random task for training image i; progress in [0, 1]."""
         s = samples[i]
         u = rng.random()
         if u < cfg.p_caption:
             return toy.CAPTION_QUESTION, s.caption, 1.0
-        other = toy.CLASSES[(s.label + 1 + int(rng.integers(len(toy.CLASSES) - 1))) % len(toy.CLASSES)]
         if u < cfg.p_caption + cfg.p_forced_choice:
+            other = toy.CLASSES[(s.label + 1 + int(rng.integers(len(toy.CLASSES) - 1))) % len(toy.CLASSES)]
             src, tgt = (s.cls, other) if rng.random() < 0.5 else (other, s.cls)
             return toy.FORCED_CHOICE_TEMPLATE.format(src=src, tgt=tgt), s.cls, 1.0
-        yes = rng.random() < 0.5
+        bias = curriculum_bias(progress)
         if rng.random() < cfg.p_colour_question:
-            colour = s.colour if yes else toy.COLOURS[(toy.COLOURS.index(s.colour) + 1 + int(rng.integers(len(toy.COLOURS) - 1))) % len(toy.COLOURS)]
+            colour, yes = ask(toy.COLOURS, s.colour, bias)
             return toy.COLOUR_YESNO_TEMPLATE.format(colour=colour), "yes" if yes else "no", cfg.yesno_weight
-        return toy.YESNO_TEMPLATE.format(name=s.cls if yes else other), "yes" if yes else "no", cfg.yesno_weight
+        name, yes = ask(toy.CLASSES, s.cls, bias)
+        return toy.YESNO_TEMPLATE.format(name=name), "yes" if yes else "no", cfg.yesno_weight
+
+    def text_example(i: int, progress: float) -> tuple[list[int], list[int], float]:
+        """A text-only row: plain caption LM, or a yes/no question about a caption given as text
+        (a short context where the comparison is learnt fast and then carries over to images)."""
+        s = samples[i]
+        if rng.random() < cfg.p_text_yesno:
+            name, yes = ask(toy.CLASSES, s.cls, curriculum_bias(progress))
+            question = s.caption + " " + toy.YESNO_TEMPLATE.format(name=name)
+            return prompt_ids(question, image=False), answer_ids("yes" if yes else "no"), 1.0
+        return [tok.bos_token_id], answer_ids(s.caption), 1.0
 
     def collate(rows: list[tuple[list[int], list[int], float]]) -> tuple[Any, Any, Any, Any]:
         """Right-padded ids, mask, labels (-100 outside answers) and per-row weights."""
@@ -259,14 +349,60 @@ def main(cfg: Config) -> dict[str, Any]:
 
     # ---- stage 1 ----
     t1 = time.time()
-    pretrain_acc = pretrain_tower(cfg, model, pixels_NPCHW, attrs, gen)
-    print(f"stage 1 done in {time.time() - t1:.0f} s: train-batch class accuracy {pretrain_acc:.3f}")
+    pretrain_acc: dict[str, float] = {}
+    if cfg.init_from is None:
+        pretrain_acc = pretrain_vision(cfg, model, pixels_NPCHW, attrs, grid, gen)
+        print(
+            f"stage 1 done in {time.time() - t1:.0f} s: train-batch class accuracy "
+            f"max-pooled {pretrain_acc['max']:.3f}, mean of projected tokens {pretrain_acc['mean']:.3f}"
+        )
+
+    # A fixed held-out batch for quick teacher-forced progress numbers (first answer word only).
+    probe_samples = toy.heldout_samples(4, seed=cfg.seed + 1, image_size=cfg.image_size)
+    probe_pixels = processor.image_processor([s.image for s in probe_samples], return_tensors="pt")
+    probe_rows, probe_tasks = [], []
+    for k, s in enumerate(probe_samples):
+        other = toy.CLASSES[(s.label + 1 + k % (len(toy.CLASSES) - 1)) % len(toy.CLASSES)]
+        for task, (q, a) in {
+            "caption-class": (toy.CAPTION_QUESTION, s.caption),
+            "choice": (toy.FORCED_CHOICE_TEMPLATE.format(src=other, tgt=s.cls), s.cls),
+            "yes": (toy.YESNO_TEMPLATE.format(name=s.cls), "yes"),
+            "no": (toy.YESNO_TEMPLATE.format(name=other), "no"),
+        }.items():
+            probe_rows.append((prompt_ids(q), answer_ids(a), 1.0))
+            probe_tasks.append((task, k))
+
+    def probe_accuracy() -> dict[str, float]:
+        ids, mask, labels, _ = collate(probe_rows)
+        img = [k for _, k in probe_tasks]
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=probe_pixels["pixel_values"][img],
+                image_sizes=probe_pixels["image_sizes"][img],
+            ).logits
+        hits: dict[str, list[bool]] = {}
+        for r, (task, _) in enumerate(probe_tasks):
+            pos = int((labels[r] != -100).nonzero()[0])  # first answer token
+            if task == "caption-class":
+                pos += 3  # "a <size> <colour> <class>"
+            hits.setdefault(task.split("-")[0] if task != "no" else "yes", []).append(
+                bool(logits[r, pos - 1].argmax() == labels[r, pos])
+            )
+        return {k: float(np.mean(v)) for k, v in hits.items()}
 
     # ---- stage 2 ----
     t2 = time.time()
-    model.model.vision_tower.requires_grad_(cfg.train_tower)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    tower = model.model.vision_tower
+    tower.requires_grad_(cfg.train_tower)
+    tower_ids = {id(p) for p in tower.parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in tower_ids], "lr": cfg.lr},
+        {"params": [p for p in tower.parameters() if p.requires_grad], "lr": cfg.lr * cfg.tower_lr_scale},
+    ]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup_frac))
     model.train()
     model.model.vision_tower.train(cfg.train_tower)
@@ -276,17 +412,16 @@ def main(cfg: Config) -> dict[str, Any]:
         idx = torch.randint(len(samples), (cfg.batch_size,), generator=gen).tolist()
         rows = []
         for i in idx:
-            question, answer, weight = example(i)
+            question, answer, weight = example(i, step / max(1, cfg.steps))
             rows.append((prompt_ids(question), answer_ids(answer), weight))
         ids, mask, labels, weight = collate(rows)
-        logits = model(
-            input_ids=ids, attention_mask=mask, pixel_values=pixels_NPCHW[idx], image_sizes=sizes_N2[idx]
-        ).logits
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        pixels = hflip_tiles(pixels_NPCHW[idx], flip, grid)
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes_N2[idx]).logits
         loss = row_loss(logits, labels, weight)
         if cfg.text_batch_size:
-            # Plain caption language modelling: BOS + caption + EOS, loss on every caption token.
             text_idx = torch.randint(len(samples), (cfg.text_batch_size,), generator=gen).tolist()
-            text_rows = [([tok.bos_token_id], answer_ids(samples[i].caption), 1.0) for i in text_idx]
+            text_rows = [text_example(i, step / max(1, cfg.steps)) for i in text_idx]
             t_ids, t_mask, t_labels, t_weight = collate(text_rows)
             t_logits = model(input_ids=t_ids, attention_mask=t_mask).logits
             loss = loss + cfg.text_weight * row_loss(t_logits, t_labels, t_weight)
@@ -298,6 +433,12 @@ def main(cfg: Config) -> dict[str, Any]:
         losses.append(loss.item())
         if step % 25 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-25:]):.3f}")
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            model.eval()
+            acc = probe_accuracy()
+            model.train()
+            tower.train(cfg.train_tower)
+            bar.write(f"step {step + 1}: loss {np.mean(losses[-cfg.log_every:]):.3f}  held-out first-word accuracy " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     model.eval()
     model.requires_grad_(True)
     print(f"stage 2 done in {time.time() - t2:.0f} s: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}")
@@ -324,7 +465,7 @@ def main(cfg: Config) -> dict[str, Any]:
         record = {
             "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
             "metrics": {k: v for k, v in metrics.items() if k != "examples"},
-            "pretrain_class_acc": pretrain_acc,
+            "stage1_class_acc": pretrain_acc,
             "final_loss": float(np.mean(losses[-10:])),
             "wall_s": round(wall_s, 1),
             "versions": {"torch": torch.__version__, "transformers": transformers_version},
@@ -341,7 +482,7 @@ def main(cfg: Config) -> dict[str, Any]:
     print(f"wrote {out} ({size_mb:.1f} MB) in {wall_s:.0f} s total")
     return {
         "losses": losses,
-        "pretrain_class_acc": pretrain_acc,
+        "stage1_class_acc": pretrain_acc,
         "metrics": metrics,
         "wall_s": wall_s,
         "out": out,

@@ -192,9 +192,9 @@ def plot_curves(metrics: dict[str, Any], keys: list[tuple[str, str]], ylabel: st
     for layer, by_k in metrics.items():
         ks = sorted(by_k, key=float)
         for (key, label), style in zip(keys, styles):
-            if key in by_k[ks[0]]:
-                ax.plot([float(k) for k in ks], [by_k[k][key] for k in ks], style, marker="o", ms=3,
-                        label=f"layer {layer}" + (f" {label}" if label else ""))
+            points = [(float(k), by_k[k][key]) for k in ks if key in by_k[k]]
+            if points:
+                ax.plot(*zip(*points), style, marker="o", ms=3, label=f"layer {layer}" + (f" {label}" if label else ""))
     ax.set(xlabel="steering strength k", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
