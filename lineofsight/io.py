@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "provenance", "save_tensors", "write_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "provenance", "save_figure", "save_tensors", "write_json"]
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
@@ -70,3 +70,16 @@ def provenance() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"git_sha": sha or None, "git_dirty": dirty, "versions": versions}
+
+
+def save_figure(fig: Any, path: Path | str) -> Path:
+    """Render a matplotlib figure to PNG, write it atomically, and close the figure."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

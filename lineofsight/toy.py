@@ -644,7 +644,8 @@ def evaluate_toy(
         result[f"{task}_acc"] = float(np.mean(hits))
     examples = []
     for task in ("caption", "forced_choice", "yesno"):
-        picked = [i for i, q in enumerate(queries) if q.task == task][:n_examples]
+        of_task = [i for i, q in enumerate(queries) if q.task == task]
+        picked = of_task[:: max(1, len(of_task) // max(1, n_examples))][:n_examples]  # spread over classes
         examples += [(task, queries[i].question, answers[i], queries[i].expected) for i in picked]
     result["examples"] = examples
     return result

@@ -135,7 +135,7 @@ def plot_accuracy(metrics: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lineofsight.io import atomic_write_bytes
+    from lineofsight.io import save_figure
 
     layers = [int(layer) for layer in metrics["layers"]]
     top1 = [metrics["layers"][str(layer)]["top1"] for layer in layers]
@@ -148,13 +148,7 @@ def plot_accuracy(metrics: dict[str, Any], path: Path) -> None:
            title=f"Linear probe for image class ({metrics['n_classes']} classes, {metrics['pool']} pooling)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def main(cfg: Config) -> dict[str, Any]:

@@ -178,14 +178,12 @@ def rollout_scores(path: Path, layers: list[int]) -> dict[int, dict[float, dict[
 
 def plot_curves(metrics: dict[str, Any], keys: list[tuple[str, str]], ylabel: str, title: str, path: Path) -> None:
     """One line per layer (and per key) against k."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lineofsight.io import atomic_write_bytes
+    from lineofsight.io import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     styles = ["-", "--", ":"]
@@ -199,11 +197,7 @@ def plot_curves(metrics: dict[str, Any], keys: list[tuple[str, str]], ylabel: st
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def main(cfg: Config) -> dict[str, Any]:

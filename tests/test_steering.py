@@ -36,9 +36,9 @@ def test_edit_lands_exactly_on_positions(tiny_models, positions):
     with torch.no_grad():
         clean = model(**inputs, output_hidden_states=True).hidden_states[layer]
         # Read the edited residual with a second trace registered after the steering hook.
-        with steer(model, layer, delta_BD, inputs["input_ids"], inputs["attention_mask"], positions):
-            with Trace(model, residual_site(model, layer), retain_input=True, retain_output=False) as tr:
-                model(**inputs)
+        with steer(model, layer, delta_BD, inputs["input_ids"], inputs["attention_mask"], positions), \
+                Trace(model, residual_site(model, layer), retain_input=True, retain_output=False) as tr:
+            model(**inputs)
     if positions == "image":
         mask = image_token_mask(inputs["input_ids"], model)
     else:
