@@ -176,3 +176,23 @@ def test_eval_steering_metrics(tiny_setup, tmp_path):
 def test_rollouts_bad_layer(tiny_setup, tmp_path):
     with pytest.raises(UserError, match=r"--layer 7: the vectors .* are for layers \[0, 1, 2, 3\]"):
         rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "x", layer=7))
+
+
+def test_steering_flips_the_toy_models_answer(tmp_path_factory):
+    """The paper's causal result on the embedded toy: adding v(src@tgt) at the image tokens of a middle
+    layer makes the forced choice name tgt instead of src."""
+    from lineofsight.toy import generate_world
+
+    world = generate_world(tmp_path_factory.mktemp("flip_world") / "w", seed=2, n_train_per_class=12,
+                           n_val_per_class=4, n_captions=4)
+    tmp = tmp_path_factory.mktemp("flip")
+    cache = extract.main(extract.Config(model="toy", imagenet_dir=world / "imagenet", images_per_class=12,
+                                        layers=(2,), out=tmp / "acts"))
+    (tmp / "pairs.txt").write_text("circle@star\nsquare@triangle\n")
+    vectors_script.main(vectors_script.Config(activations=cache, pairs=tmp / "pairs.txt", out=tmp / "vec"))
+    result = eval_script.main(eval_script.Config(
+        vectors=tmp / "vec", layer=(2,), model="toy", imagenet_dir=world / "imagenet", split="val",
+        data=world / "sharegpt4v.json", k=(0.0, 8.0), images_per_pair=4, n_captions=4, out=tmp / "eval"))
+    by_k = result["metrics"]["2"]
+    assert by_k["0.0"]["flip_rate"] <= 0.25 and by_k["0.0"]["p_src"] > by_k["0.0"]["p_tgt"], by_k
+    assert by_k["8.0"]["flip_rate"] >= 0.9 and by_k["8.0"]["p_tgt"] > 5 * by_k["8.0"]["p_src"], by_k
