@@ -1,0 +1,359 @@
+"""The project's one sparse autoencoder: ReLU (April-update objective), TopK and BatchTopK.
+
+    latents = act((s * x - b_dec) @ W_enc + b_enc)          encode
+    x_hat   = (latents @ W_dec + b_dec) / s                   decode
+
+``s`` is the activation scale stored in the config (``act_scale``): it maps raw residuals to mean
+norm ``sqrt(d_in)``, so the paper's hyperparameters (lambda 5, lr 5e-5) mean the same at every
+layer and every model. Callers always pass raw residuals and get raw reconstructions back; the
+scale never appears outside this module. Losses are computed in the scaled space.
+
+Activations:
+
+* ``relu``: the April-update objective ``||x - x_hat||^2 + lambda * sum_j f_j ||W_dec_j||``
+  (the gradient flows through the decoder norms; decoder rows are free).
+* ``topk``: the k largest pre-activations per token (after a ReLU); decoder rows kept at unit
+  norm by the trainer (:meth:`SparseAutoencoder.normalize_decoder`). Decoding can use the sparse
+  path (``embedding_bag`` over the k active rows) which equals the dense product.
+* ``batchtopk``: the ``k * n_tokens`` largest pre-activations over the whole batch during
+  training; at inference a single threshold (estimated during training and stored in the config)
+  replaces the batch coupling, so a token's code does not depend on its batch.
+
+TopK and BatchTopK train with the AuxK loss on dead latents (a latent is dead after
+``dead_after_tokens`` tokens without firing; the trainer keeps that count).
+
+A saved SAE is a folder: ``sae.safetensors`` + ``cfg.json``. :meth:`SparseAutoencoder.export_saelens`
+writes the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``) with the scale folded into
+the weights, for SAELens / SAEBench / Neuronpedia tooling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lineofsight.io import save_tensors, write_json
+
+__all__ = ["ACTIVATIONS", "SAEConfig", "SparseAutoencoder", "fvu", "SAEError"]
+
+ACTIVATIONS = ("relu", "topk", "batchtopk")
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+
+
+class SAEError(ValueError):
+    """An SAE folder or input that does not fit (missing files, wrong width)."""
+
+
+@dataclasses.dataclass
+class SAEConfig:
+    d_in: int
+    """width of the residual stream it reads"""
+    d_sae: int
+    """number of latents"""
+    activation: str = "relu"
+    """relu (April update), topk or batchtopk"""
+    k: int = 32
+    """active latents per token for topk / batchtopk"""
+    l1_coefficient: float = 5.0
+    """lambda of the April-update sparsity penalty (relu)"""
+    aux_k: int = 256
+    """dead latents used by the AuxK loss (topk / batchtopk)"""
+    aux_coefficient: float = 1 / 32
+    """weight of the AuxK loss"""
+    dead_after_tokens: int = 1_000_000
+    """a latent that has not fired for this many tokens counts as dead"""
+    act_scale: float = 1.0
+    """raw residuals are multiplied by this inside encode (mean norm -> sqrt(d_in)); set from data"""
+    threshold: float | None = None
+    """batchtopk: inference threshold on pre-activations (estimated during training)"""
+    decoder_init_norm: float = 0.1
+    """norm of the decoder rows at init (the paper: 0.1 for relu); topk/batchtopk use unit rows"""
+    model: str = ""
+    """provenance: the model the SAE reads"""
+    layer: int | None = None
+    """provenance: the residual-stream index (input of decoder block ``layer``)"""
+    hook_name: str = ""
+    """provenance: the module whose input is read"""
+    token_types: tuple[str, ...] = ()
+    """provenance: the token types it was trained on"""
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise SAEError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise SAEError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
+        if self.activation != "relu" and not 0 < self.k <= self.d_sae:
+            raise SAEError(f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
+        self.token_types = tuple(self.token_types)
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> SAEConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in obj.items() if k in names})
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained, ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the
+    batch (squares summed, then divided: not a mean of per-token ratios)."""
+    resid = (x - x_hat).pow(2).sum()
+    total = (x - x.mean(0, keepdim=True)).pow(2).sum()
+    return resid / total.clamp(min=torch.finfo(total.dtype).tiny)
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, cfg: SAEConfig, *, seed: int | None = 0, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        kw = {"device": device, "dtype": dtype or torch.float32}
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = 0) -> None:
+        """Decoder rows in random directions at ``decoder_init_norm`` (unit for topk/batchtopk);
+        ``W_enc = W_dec^T``; biases zero."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen)
+        norm = self.cfg.decoder_init_norm if self.cfg.activation == "relu" else 1.0
+        w = w / w.norm(dim=1, keepdim=True) * norm
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # ---- encode / decode ----------------------------------------------------------------------
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations ``(s x - b_dec) W_enc + b_enc`` for raw residuals ``x [..., d_in]``."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise SAEError(f"input width {x.shape[-1]} does not match the SAE's d_in {self.cfg.d_in}")
+        xs = x.to(self.W_enc.dtype) * self.cfg.act_scale
+        return (xs - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense latents from pre-activations, per the configured activation."""
+        act = self.cfg.activation
+        if act == "relu":
+            return F.relu(pre)
+        if act == "batchtopk" and (self.training or self.cfg.threshold is None):
+            flat = F.relu(pre).reshape(-1, pre.shape[-1])
+            n_keep = min(self.cfg.k * flat.shape[0], flat.numel())
+            vals, idx = flat.flatten().topk(n_keep, sorted=False)
+            out = torch.zeros_like(flat).flatten().scatter_(0, idx, vals)
+            return out.reshape(pre.shape)
+        if act == "batchtopk":
+            return torch.where(pre > self.cfg.threshold, pre, torch.zeros_like(pre))
+        vals, idx = self.topk(pre)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals)
+
+    def topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) ``[..., k]`` of the k largest ReLU'd pre-activations per token."""
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return F.relu(vals), idx
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents ``[..., d_sae]`` for raw residuals ``x [..., d_in]``."""
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw-space reconstruction from dense latents."""
+        return (latents @ self.W_dec + self.b_dec) / self.cfg.act_scale
+
+    def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Raw-space reconstruction from (values, indices) ``[N, k]``: sums k decoder rows per token
+        with ``embedding_bag`` instead of a ``[N, d_sae] @ [d_sae, d_in]`` product."""
+        out = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.to(self.W_dec.dtype), mode="sum")
+        return (out + self.b_dec) / self.cfg.act_scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_hat, latents)`` for raw residuals ``x [..., d_in]``."""
+        latents = self.encode(x)
+        return self.decode(latents), latents
+
+    # ---- training objective --------------------------------------------------------------------
+
+    def loss(
+        self,
+        x: torch.Tensor,
+        *,
+        l1_coefficient: float | None = None,
+        dead_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Training losses for a batch of raw residuals ``x [N, d_in]``, in the scaled space.
+
+        Returns ``loss`` (what to minimise), ``mse`` (sum over d_in, mean over tokens), ``sparsity``
+        (the April-update penalty for relu, else 0), ``aux`` (AuxK, 0 without dead latents),
+        ``latents`` (dense, raw activations) and ``x_hat`` (scaled space).
+        """
+        xs = x.to(self.W_enc.dtype) * self.cfg.act_scale
+        pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
+        latents = self.activate(pre)
+        x_hat = latents @ self.W_dec + self.b_dec
+        err = xs - x_hat
+        mse = err.pow(2).sum(-1).mean()
+        zero = mse.new_zeros(())
+        sparsity, aux = zero, zero
+        if self.cfg.activation == "relu":
+            lam = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
+            sparsity = lam * (latents * self.W_dec.norm(dim=1)).sum(-1).mean()
+        elif dead_mask is not None and bool(dead_mask.any()):
+            aux = self.cfg.aux_coefficient * self._aux_loss(pre, err, dead_mask)
+        loss = mse + sparsity + aux
+        return {"loss": loss, "mse": mse, "sparsity": sparsity, "aux": aux, "latents": latents, "x_hat": x_hat}
+
+    def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor, dead_mask: torch.Tensor) -> torch.Tensor:
+        """AuxK: the top ``aux_k`` dead latents reconstruct the residual error, normalised by its variance."""
+        k_aux = min(self.cfg.aux_k, int(dead_mask.sum()))
+        masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
+        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+        vals = F.relu(vals)
+        err_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
+        num = (err.detach() - err_hat).pow(2).sum(-1).mean()
+        den = (err.detach() - err.detach().mean(0)).pow(2).sum(-1).mean()
+        return num / den.clamp(min=1e-8)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Unit-norm decoder rows (topk / batchtopk, after each optimiser step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the part of each decoder row's gradient along the row (keeps unit rows on the sphere)."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        self.W_dec.grad.sub_((self.W_dec.grad * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def observe_threshold(self, latents: torch.Tensor, momentum: float = 0.99) -> None:
+        """batchtopk: fold this batch's smallest active latent into the running inference threshold."""
+        active = latents[latents > 0]
+        if active.numel() == 0:
+            return
+        low = float(active.min())
+        old = self.cfg.threshold
+        self.cfg.threshold = low if old is None else momentum * old + (1 - momentum) * low
+
+    @torch.no_grad()
+    def set_scale_from(self, x: torch.Tensor) -> float:
+        """Set ``act_scale`` so that the mean norm of ``x [N, d_in]`` maps to ``sqrt(d_in)``."""
+        mean_norm = float(x.float().norm(dim=-1).mean())
+        if not math.isfinite(mean_norm) or mean_norm <= 0:
+            raise SAEError(f"cannot estimate the activation scale: mean norm {mean_norm}")
+        self.cfg.act_scale = math.sqrt(self.cfg.d_in) / mean_norm
+        return self.cfg.act_scale
+
+    @torch.no_grad()
+    def init_b_dec(self, x: torch.Tensor) -> None:
+        """Set ``b_dec`` to the (scaled) mean of ``x [N, d_in]``: the data-dependent start."""
+        self.b_dec.copy_((x.float() * self.cfg.act_scale).mean(0).to(self.b_dec.dtype))
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    def save(self, folder: Path | str) -> Path:
+        """``folder/sae.safetensors`` + ``folder/cfg.json``, each written atomically (config last)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tensors(folder / WEIGHTS_FILE, {k: v for k, v in self.state_dict().items()})
+        write_json(folder / CONFIG_FILE, self.cfg.to_json())
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path | str, *, device: Any = None, dtype: Any = None) -> SparseAutoencoder:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+            raise SAEError(f"{folder} is not an SAE folder (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+        try:
+            cfg = SAEConfig.from_json(json.loads((folder / CONFIG_FILE).read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise SAEError(f"{folder / CONFIG_FILE} is not a valid SAE config: {e}") from None
+        sae = cls(cfg, seed=None, device="meta")
+        state = load_file(folder / WEIGHTS_FILE, device="cpu")
+        sae.load_state_dict(state, assign=True)
+        return sae.to(device=device, dtype=dtype) if (device or dtype) else sae
+
+    def export_saelens(self, folder: Path | str) -> Path:
+        """Write the SAELens layout: ``sae_weights.safetensors`` (scale folded in) + ``cfg.json``.
+
+        With ``W_enc' = s W_enc``, ``W_dec' = W_dec / s``, ``b_dec' = b_dec / s`` the SAELens
+        formula ``act((x - b_dec') W_enc' + b_enc) W_dec' + b_dec'`` gives exactly our raw-space
+        reconstruction. BatchTopK with a threshold exports as ``jumprelu`` with that threshold.
+        """
+        folder = Path(folder)
+        s = self.cfg.act_scale
+        tensors = {
+            "W_enc": self.W_enc * s,
+            "b_enc": self.b_enc,
+            "W_dec": self.W_dec / s,
+            "b_dec": self.b_dec / s,
+        }
+        act = self.cfg.activation
+        if act == "relu":
+            arch, kwargs = "standard", {}
+        elif act == "topk" or self.cfg.threshold is None:
+            arch, kwargs = "topk", {"k": self.cfg.k}
+        else:
+            arch, kwargs = "jumprelu", {}
+            tensors["threshold"] = torch.full((self.cfg.d_sae,), float(self.cfg.threshold))
+        cfg = {
+            "architecture": arch,
+            "d_in": self.cfg.d_in,
+            "d_sae": self.cfg.d_sae,
+            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
+            "device": "cpu",
+            "model_name": self.cfg.model,
+            "hook_name": self.cfg.hook_name,
+            "hook_layer": self.cfg.layer,
+            "hook_head_index": None,
+            "activation_fn_str": "topk" if arch == "topk" else "relu",
+            "activation_fn_kwargs": kwargs,
+            "apply_b_dec_to_input": True,
+            "finetuning_scaling_factor": False,
+            "normalize_activations": "none",
+            "prepend_bos": True,
+            "context_size": None,
+            "dataset_path": "",
+            "sae_lens_training_version": None,
+            "neuronpedia_id": None,
+            "model_from_pretrained_kwargs": {},
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tensors(folder / "sae_weights.safetensors", tensors)
+        write_json(folder / "cfg.json", cfg)
+        return folder
+
+
+def saelens_reconstruct(folder: Path | str, x: torch.Tensor) -> torch.Tensor:
+    """Reconstruct ``x`` with an exported SAELens folder using SAELens' formulas (no SAELens needed):
+    what the round-trip test compares against."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = load_file(folder / "sae_weights.safetensors")
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "standard":
+        f = F.relu(pre)
+    elif cfg["architecture"] == "jumprelu":
+        f = F.relu(pre) * (pre > w["threshold"])
+    else:
+        vals, idx = pre.topk(cfg["activation_fn_kwargs"]["k"], dim=-1)
+        f = torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+    return f @ w["W_dec"] + w["b_dec"]

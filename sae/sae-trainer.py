@@ -1,0 +1,607 @@
+"""Train a sparse autoencoder on a VLM's residual stream over captioned images, with torch DDP.
+
+Online mode (default): every rank loads the VLM, reads a disjoint share of the ShareGPT4V records
+(reshuffled every epoch), harvests the layer with an early stop (image tokens, caption tokens in
+context, caption tokens alone: ``lineofsight/harvest.py``), fills a shuffle buffer and trains
+the SAE wrapped in DDP. ``--activations <cache>`` (from ``sae/cache_activations.py``) trains
+from a token cache instead: each step's global batch is a slice of one seeded permutation of
+the cache, split between the ranks, so any number of ranks trains on exactly the same batches.
+
+Before the first step, rank 0 sets the activation scale (mean norm -> sqrt(d_in)) and ``b_dec``
+(the mean) from its buffer and broadcasts them. Schedules follow the paper: lambda warmed up over
+the first ``--l1-warmup-frac`` of the steps, the learning rate decayed linearly to 0 over the
+last ``--lr-decay-frac``. Every ``--checkpoint-every`` steps an atomic checkpoint holds the SAE,
+Adam state, step, dead-latent counters, every rank's data position, shuffle buffer and RNG
+state; ``--resume`` continues exactly where it stopped (kill -9 included). A non-finite loss stops
+the run with a message; the last good checkpoint stays.
+
+The run folder ``--out`` ends with ``sae/`` (the SAE: ``sae.safetensors`` + ``cfg.json``),
+``metrics.json``, ``config.json`` and ``log.jsonl``.
+
+    python sae/sae-trainer.py --layer 2 --total-tokens 2000000 --out runs/sae      # toy, CPU
+    torchrun --nproc_per_node 2 sae/sae-trainer.py --layer 2 --out runs/sae-ddp     # gloo on CPU
+    torchrun --nproc_per_node 8 sae/sae-trainer.py --model llava-hf/llava-v1.6-mistral-7b-hf \\
+        --dtype bfloat16 --data /data/sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json \\
+        --image-root /data/sharegpt4v --layer 8 --expansion 8 --l1-coefficient 5 --lr 5e-5 \\
+        --batch-size 4096 --total-tokens 400000000 --out /scratch/sae-l8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from lineofsight.toy import TOY_WORLD_DIR
+
+
+@dataclasses.dataclass
+class Config:
+    """Options for SAE training."""
+
+    model: str = "toy"
+    """'toy', an HF id (llava-hf/llava-v1.6-mistral-7b-hf) or a local directory (online mode)."""
+    data: Path = TOY_WORLD_DIR / "sharegpt4v.json"
+    """ShareGPT4V-format JSON list of records (online mode)."""
+    image_root: Path | None = None
+    """Folder the records' image paths are relative to (default: the JSON file's folder)."""
+    activations: Path | None = None
+    """Train from this token cache (sae/cache_activations.py) instead of harvesting online."""
+    layer: int | None = None
+    """Residual-stream layer (input of decoder block L). Default: 8 (the paper's) for a model with at least 16 layers, else n_layers // 2."""
+    types: tuple[str, ...] = ("image", "text_in_context", "text_only")
+    """Token types to train on."""
+    activation: Literal["relu", "topk", "batchtopk"] = "relu"
+    """relu (April-update objective), topk or batchtopk."""
+    expansion: int = 8
+    """d_sae = expansion x d_model (the paper: 8)."""
+    k: int = 32
+    """Active latents per token (topk, batchtopk)."""
+    l1_coefficient: float = 5.0
+    """Sparsity coefficient lambda (relu; the paper: 5)."""
+    l1_warmup_frac: float = 0.05
+    """Fraction of the steps over which lambda rises linearly from 0."""
+    lr: float = 5e-5
+    """Adam learning rate (the paper: 5e-5)."""
+    lr_decay_frac: float = 0.2
+    """The learning rate decays linearly to 0 over this last fraction of the steps."""
+    batch_size: int = 4096
+    """Tokens per rank per step."""
+    total_tokens: int = 2_000_000
+    """Tokens to train on, over all ranks (steps = total_tokens / (batch_size x world size))."""
+    buffer_batches: int = 8
+    """Online mode: the shuffle buffer holds this many batches of tokens."""
+    records_per_forward: int = 8
+    """Online mode: records per harvesting forward pass."""
+    max_caption_tokens: int = 128
+    """Online mode: caption tokens kept per pass."""
+    dead_after_tokens: int = 1_000_000
+    """A latent that has not fired for this many tokens (all ranks) counts as dead."""
+    aux_k: int = 256
+    """Dead latents in the AuxK loss (topk, batchtopk)."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (0: only at the end)."""
+    log_every: int = 20
+    """Steps between log lines."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """VLM dtype."""
+    sae_autocast: bool = False
+    """GPU: run the SAE forward under bfloat16 autocast (weights and Adam stay float32)."""
+    device: str | None = None
+    """Device (default: this rank's GPU if there is one, else cpu)."""
+    seed: int = 0
+    """Seeds SAE init, record order and batch order."""
+    out: Path = Path("runs/sae")
+    """Run folder (refused when it holds a run, unless --resume or --overwrite)."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint."""
+    overwrite: bool = False
+    """Delete a run already in --out and start over."""
+    wandb: str | None = None
+    """Log to this Weights & Biases project (needs wandb installed)."""
+    step_delay: float = 0.0
+    """Testing: sleep this many seconds after every step (so a test can kill a run mid-way)."""
+
+    def __post_init__(self) -> None:
+        from lineofsight.cli import UserError
+
+        for name in ("expansion", "batch_size", "total_tokens", "buffer_batches", "records_per_forward", "k"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite exclude each other")
+
+
+# Fields that must agree between a run and its --resume (the rest may change, e.g. --log-every).
+RESUME_KEYS = ("model", "data", "activations", "layer", "types", "activation", "expansion", "k", "l1_coefficient",
+               "l1_warmup_frac", "lr", "lr_decay_frac", "batch_size", "total_tokens", "buffer_batches",
+               "records_per_forward", "max_caption_tokens", "dead_after_tokens", "aux_k", "seed")
+
+
+def lr_factor(step: int, n_steps: int, decay_frac: float) -> float:
+    """1 until the last ``decay_frac`` of the steps, then linearly down to 0 at the end."""
+    decay_start = n_steps * (1 - decay_frac)
+    if step < decay_start:
+        return 1.0
+    return max(0.0, (n_steps - step) / max(1.0, n_steps - decay_start))
+
+
+def l1_factor(step: int, n_steps: int, warmup_frac: float) -> float:
+    """Linear warm-up of lambda from 0 over the first ``warmup_frac`` of the steps."""
+    warmup = n_steps * warmup_frac
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token sources
+# ---------------------------------------------------------------------------------------------
+
+
+class OnlineSource:
+    """Harvests this rank's records (every epoch a new seeded order) into a shuffle buffer."""
+
+    def __init__(self, cfg: Config, harvester: Any, records: list[Any], rank: int, world: int, device: Any) -> None:
+        import torch
+
+        from lineofsight.data import SkipCounter
+
+        self.cfg, self.harvester, self.records = cfg, harvester, records
+        self.rank, self.world, self.device = rank, world, device
+        self.epoch, self.cursor = 0, 0
+        self.skips = SkipCounter()
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
+        self.acts = torch.zeros(0, 0)
+        self.types = torch.zeros(0, dtype=torch.uint8)
+        self.image_root = cfg.image_root or cfg.data.parent
+        self._order: list[int] | None = None
+
+    def _my_records(self) -> list[int]:
+        import torch
+
+        if self._order is None:
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch)
+            order = torch.randperm(len(self.records), generator=g).tolist()
+            self._order = order[self.rank :: self.world]
+        return self._order
+
+    def _harvest_more(self) -> None:
+        import torch
+
+        from lineofsight.harvest import record_batches
+
+        mine = self._my_records()
+        if not mine:
+            raise RuntimeError(f"rank {self.rank} has no records (fewer records than ranks)")
+        chunk = mine[self.cursor : self.cursor + self.cfg.records_per_forward]
+        self.cursor += len(chunk)
+        if self.cursor >= len(mine):
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        for idx, captions, images in record_batches(self.records, chunk, self.image_root, len(chunk), self.skips):
+            if idx:
+                got = self.harvester(captions, images, idx)
+                acts = got.acts[:, 0].to(torch.float32)
+                self.acts = acts if self.acts.numel() == 0 else torch.cat([self.acts, acts])
+                self.types = torch.cat([self.types, got.token_type])
+
+    def fill(self) -> None:
+        need = self.cfg.buffer_batches * self.cfg.batch_size
+        tries = 0
+        while len(self.types) < need:
+            before = len(self.types)
+            self._harvest_more()
+            tries = tries + 1 if len(self.types) == before else 0
+            if tries > 1000:
+                raise RuntimeError(f"rank {self.rank}: no tokens from 1000 record batches ({self.skips.summary()})")
+
+    def next_batch(self, step: int) -> tuple[Any, Any]:
+        import torch
+
+        self.fill()
+        perm = torch.randperm(len(self.types), generator=self.gen)
+        take, rest = perm[: self.cfg.batch_size], perm[self.cfg.batch_size :]
+        x, t = self.acts[take], self.types[take]
+        self.acts, self.types = self.acts[rest], self.types[rest]
+        return x.to(self.device), t.to(self.device)
+
+    def peek(self, n: int) -> Any:
+        self.fill()
+        return self.acts[:n]
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(tensors, JSON) of this rank's data position, buffer and RNG."""
+        tensors = {"buffer_acts": self.acts, "buffer_types": self.types, "gen_state": self.gen.get_state()}
+        return tensors, {"epoch": self.epoch, "cursor": self.cursor, "skipped": self.skips.to_dict()}
+
+    def load_state(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.acts, self.types = tensors["buffer_acts"], tensors["buffer_types"]
+        self.gen.set_state(tensors["gen_state"])
+        self.epoch, self.cursor, self._order = meta["epoch"], meta["cursor"], None
+        self.skips.merge(meta["skipped"])
+
+
+class CacheSource:
+    """The layer's tokens from a cache, in memory; global batch ``step`` is a fixed slice of one
+    seeded permutation per epoch, and rank r takes its r-th part."""
+
+    def __init__(self, cfg: Config, acts: Any, types: Any, rank: int, world: int, device: Any) -> None:
+        from lineofsight.data import SkipCounter
+
+        self.cfg, self.acts, self.types = cfg, acts, types
+        self.rank, self.world, self.device = rank, world, device
+        self.global_batch = cfg.batch_size * world
+        self.skips = SkipCounter()
+        self._perm_epoch, self._perm = -1, None
+
+    def _global_indices(self, step: int) -> Any:
+        import torch
+
+        n = len(self.types)
+        start = step * self.global_batch
+        out = []
+        while len(out) < self.global_batch:
+            epoch, offset = divmod(start + len(out), n)
+            if epoch != self._perm_epoch:
+                g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+                self._perm, self._perm_epoch = torch.randperm(n, generator=g), epoch
+            out += self._perm[offset : offset + self.global_batch - len(out)].tolist()
+        return torch.tensor(out)
+
+    def next_batch(self, step: int) -> tuple[Any, Any]:
+        idx = self._global_indices(step)[self.rank * self.cfg.batch_size : (self.rank + 1) * self.cfg.batch_size]
+        return self.acts[idx].to(self.device), self.types[idx].to(self.device)
+
+    def peek(self, n: int) -> Any:
+        return self.acts[self._global_indices(0)[:n]]
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+        pass
+
+
+def read_token_cache(path: Path, layer: int, types: tuple[str, ...]) -> tuple[Any, Any, dict[str, Any]]:
+    """(acts [N, D] float32, token types [N]) of ``layer`` from a token cache, only ``types``."""
+    import torch
+    from safetensors import safe_open
+
+    from lineofsight.cache import find_cache
+    from lineofsight.cli import UserError
+    from lineofsight.harvest import TOKEN_TYPES
+
+    cache = find_cache(path, "tokens")
+    meta = json.loads((cache / "metadata.json").read_text())
+    if layer not in meta["layers"]:
+        raise UserError(f"--activations {cache} holds layers {meta['layers']}, not --layer {layer}")
+    col = meta["layers"].index(layer)
+    codes = torch.tensor([TOKEN_TYPES.index(t) for t in types], dtype=torch.uint8)
+    acts, kinds = [], []
+    for name in meta["shards"]:
+        with safe_open(str(cache / name), framework="pt") as f:
+            t = f.get_tensor("token_type")
+            keep = torch.isin(t, codes)
+            acts.append(f.get_slice("acts")[:, col : col + 1, :][keep, 0].float())
+            kinds.append(t[keep])
+    acts_ND, types_N = torch.cat(acts), torch.cat(kinds)
+    if len(types_N) == 0:
+        raise UserError(f"--activations {cache} holds no tokens of types {', '.join(types)}")
+    return acts_ND, types_N, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Path, step: int, sae: Any, opt: Any, since_fired: Any, source: Any, extra: dict[str, Any],
+                    rank: int, world: int) -> None:
+    """``run/checkpoints/step-<N>/`` with one file per rank, then ``state.json`` (rank 0, last),
+    then ``run/checkpoints/latest`` pointing at it; older checkpoints are removed after that."""
+    import shutil
+
+    import torch
+
+    from lineofsight import dist
+    from lineofsight.io import atomic_write_text, save_tensors, write_json
+
+    folder = run / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    data_tensors, data_meta = source.state()
+    tensors = {f"data.{k}": v for k, v in data_tensors.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_tensors(folder / f"rank{rank:03d}.safetensors", tensors, {"data": json.dumps(data_meta)})
+    dist.barrier()
+    if rank == 0:
+        state = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+        state["since_fired"] = since_fired
+        opt_state = opt.state_dict()
+        for i, s in opt_state["state"].items():
+            for name, value in s.items():
+                state[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        save_tensors(folder / "trainer.safetensors", state)
+        write_json(folder / "state.json", {
+            "step": step, "world_size": world, "sae_cfg": sae.cfg.to_json(),
+            "opt_param_groups": opt_state["param_groups"], "opt_keys": {str(i): list(s) for i, s in opt_state["state"].items()},
+            **extra,
+        })
+        atomic_write_text(run / "checkpoints" / "latest", folder.name + "\n")
+        for old in (run / "checkpoints").glob("step-*"):
+            if old.name != folder.name:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    pointer = run / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    folder = run / "checkpoints" / pointer.read_text().strip()
+    return folder if (folder / "state.json").is_file() else None
+
+
+def load_checkpoint(folder: Path, sae: Any, opt: Any, source: Any, rank: int) -> tuple[dict[str, Any], Any]:
+    """Restore everything :func:`save_checkpoint` wrote; returns (state.json, since_fired)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lineofsight.sae import SAEConfig
+
+    state = json.loads((folder / "state.json").read_text())
+    trainer = load_file(folder / "trainer.safetensors")
+    sae.cfg.act_scale = SAEConfig.from_json(state["sae_cfg"]).act_scale
+    sae.cfg.threshold = state["sae_cfg"]["threshold"]
+    sae.load_state_dict({k[4:]: v for k, v in trainer.items() if k.startswith("sae.")})
+    opt_state = {"state": {}, "param_groups": state["opt_param_groups"]}
+    for i, keys in state["opt_keys"].items():
+        opt_state["state"][int(i)] = {name: trainer[f"opt.{i}.{name}"] for name in keys}
+    opt.load_state_dict(opt_state)
+    with safe_open(str(folder / f"rank{rank:03d}.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        data_meta = json.loads(f.metadata()["data"])
+    source.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("data.")}, data_meta)
+    torch.set_rng_state(tensors["rng.torch"])
+    return state, trainer["since_fired"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _step_module(sae: Any) -> Any:
+    """A module whose forward is the SAE's training loss, so DDP syncs its gradients."""
+    from torch import nn
+
+    class TrainStep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sae = sae
+
+        def forward(self, x: Any, l1_coefficient: float, dead_mask: Any) -> dict[str, Any]:
+            return self.sae.loss(x, l1_coefficient=l1_coefficient, dead_mask=dead_mask)
+
+    return TrainStep()
+
+
+def batch_metrics(x: Any, x_hat: Any, latents: Any, types: Any, scale: float) -> dict[str, float]:
+    """L0 and FVU on this batch, overall and per token type (raw space)."""
+    from lineofsight.harvest import TOKEN_TYPES
+    from lineofsight.sae import fvu
+
+    x_hat = x_hat / scale
+    active = (latents > 0).sum(-1).float()
+    out = {"l0": float(active.mean()), "fvu": float(fvu(x.float(), x_hat.float()))}
+    for code, name in enumerate(TOKEN_TYPES):
+        sel = types == code
+        if int(sel.sum()) > 1:
+            out[f"l0/{name}"] = float(active[sel].mean())
+            out[f"fvu/{name}"] = float(fvu(x[sel].float(), x_hat[sel].float()))
+    return out
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    import contextlib
+    import shutil
+
+    import torch
+    from tqdm import tqdm
+
+    from lineofsight import dist
+    from lineofsight.cli import UserError
+    from lineofsight.io import provenance, write_json
+    from lineofsight.sae import SAEConfig, SparseAutoencoder
+
+    start = time.perf_counter()
+    info = dist.setup(seed=cfg.seed, device=cfg.device)
+    run = Path(cfg.out)
+    if info.is_main:
+        if cfg.overwrite and run.exists():
+            shutil.rmtree(run)
+        if not cfg.resume and run.exists() and any(run.iterdir()):
+            raise UserError(f"--out {run} already holds a run; pass --resume to continue it or --overwrite")
+    dist.barrier()
+    ckpt = latest_checkpoint(run) if cfg.resume else None
+    if cfg.resume and ckpt is None and info.is_main:
+        dist.print0(f"--resume: no checkpoint in {run}; starting from scratch")
+
+    # ---- data ----
+    from lineofsight.models import check_layer, load_vlm, n_layers, residual_site, resolve_model_path
+
+    hook_name, model_name = "", cfg.model
+    if cfg.activations is not None:
+        from lineofsight.cache import find_cache
+
+        cache_meta = json.loads((find_cache(cfg.activations, "tokens") / "metadata.json").read_text())
+        layer = cfg.layer if cfg.layer is not None else cache_meta["layers"][0]
+        acts, types, cache_meta = read_token_cache(cfg.activations, layer, cfg.types)
+        source: Any = CacheSource(cfg, acts, types, info.rank, info.world_size, info.device)
+        d_in, model_name = acts.shape[1], cache_meta["key"]["model"]
+    else:
+        from lineofsight.data import read_sharegpt4v
+        from lineofsight.harvest import Harvester
+
+        records = read_sharegpt4v(cfg.data)
+        if len(records) < info.world_size:
+            raise UserError(f"--data {cfg.data} has {len(records)} usable records for {info.world_size} ranks")
+        model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=info.device)
+        n = n_layers(model)
+        layer = cfg.layer if cfg.layer is not None else (8 if n >= 16 else n // 2)
+        check_layer(model, layer)
+        harvester = Harvester(model, processor, [layer], max_caption_tokens=cfg.max_caption_tokens, types=cfg.types)
+        harvester.check_boundary(records[0].caption)
+        source = OnlineSource(cfg, harvester, records, info.rank, info.world_size, info.device)
+        d_in = model.config.get_text_config(decoder=True).hidden_size
+        hook_name, model_name = residual_site(model, layer), resolve_model_path(cfg.model)
+
+    run_cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    run_cfg["layer"] = layer
+    run_cfg = json.loads(json.dumps(run_cfg))  # tuples -> lists, as read back from config.json
+    if ckpt is not None:
+        old = json.loads((run / "config.json").read_text())["config"]
+        changed = [k for k in RESUME_KEYS if old.get(k) != run_cfg.get(k) and not (k == "layer" and old.get(k) is None)]
+        if changed:
+            raise UserError(f"--resume: the run in {run} was started with different {', '.join(changed)}")
+    elif info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(run / "config.json", {"config": run_cfg, "world_size": info.world_size, "provenance": provenance()})
+
+    global_batch = cfg.batch_size * info.world_size
+    n_steps = max(1, cfg.total_tokens // global_batch)
+    sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.expansion * d_in, activation=cfg.activation, k=cfg.k,
+                        l1_coefficient=cfg.l1_coefficient, aux_k=cfg.aux_k, dead_after_tokens=cfg.dead_after_tokens,
+                        model=model_name, layer=layer, hook_name=hook_name, token_types=cfg.types)
+    sae = SparseAutoencoder(sae_cfg, seed=cfg.seed).to(info.device)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=info.device)
+    step, tokens_seen = 0, 0
+    if ckpt is not None:
+        state, since_fired = load_checkpoint(ckpt, sae, opt, source, info.rank)
+        if state["world_size"] != info.world_size:
+            raise UserError(f"--resume: the checkpoint was written by {state['world_size']} ranks, not {info.world_size}")
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        since_fired = since_fired.to(info.device)
+        dist.print0(f"resumed from {ckpt} at step {step}/{n_steps}")
+    else:
+        # Data-dependent init on rank 0, broadcast to all ranks before training.
+        if info.is_main:
+            sample = source.peek(cfg.batch_size * cfg.buffer_batches).to(info.device)
+            sae.set_scale_from(sample)
+            sae.init_b_dec(sample)
+        scale = dist.broadcast(torch.tensor([sae.cfg.act_scale], dtype=torch.float64, device=info.device))
+        sae.cfg.act_scale = float(scale[0])
+        for p in sae.parameters():
+            dist.broadcast(p.data)
+
+    if step >= n_steps and (run / "metrics.json").is_file():
+        dist.print0(f"{run} is already finished ({step} steps); nothing to do")
+        dist.cleanup()
+        return json.loads((run / "metrics.json").read_text())
+    trainer = _step_module(sae)
+    if info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainer = DistributedDataParallel(trainer, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.sae_autocast and info.device.type == "cuda"
+                else contextlib.nullcontext())
+    wandb_run = None
+    if cfg.wandb and info.is_main:
+        import wandb
+
+        wandb_run = wandb.init(project=cfg.wandb, config=run_cfg, resume="allow")
+
+    log_path = run / "log.jsonl"
+    bar = tqdm(total=n_steps, initial=step, desc=f"SAE L{layer} {cfg.activation}", disable=not info.is_main,
+               mininterval=2)
+    last: dict[str, float] = {}
+    t_log, tok_log = time.perf_counter(), tokens_seen
+    while step < n_steps:
+        x, types = source.next_batch(step)
+        lam = cfg.l1_coefficient * l1_factor(step, n_steps, cfg.l1_warmup_frac)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, n_steps, cfg.lr_decay_frac)
+        dead = since_fired > cfg.dead_after_tokens
+        with autocast:
+            out = trainer(x, lam, dead if cfg.activation != "relu" else None)
+        finite = dist.all_reduce(torch.isfinite(out["loss"].detach()).float().reshape(1), op="min")
+        if float(finite[0]) < 1:
+            good = latest_checkpoint(run)
+            bar.close()
+            raise UserError(f"non-finite loss at step {step} (lr {cfg.lr}, lambda {lam}); stopped. "
+                            f"Last good checkpoint: {good or 'none'}")
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if cfg.activation != "relu":
+            sae.remove_parallel_grad()
+        opt.step()
+        if cfg.activation != "relu":
+            sae.normalize_decoder()
+        latents = out["latents"].detach()
+        if cfg.activation == "batchtopk":
+            sae.observe_threshold(latents)
+        fired = dist.all_reduce((latents > 0).any(0).float(), op="max") > 0
+        since_fired += global_batch
+        since_fired[fired] = 0
+        step += 1
+        tokens_seen += global_batch
+        bar.update(1)
+        if cfg.step_delay:
+            time.sleep(cfg.step_delay)
+
+        if step % cfg.log_every == 0 or step == n_steps:
+            m = batch_metrics(x, out["x_hat"].detach(), latents, types, sae.cfg.act_scale)
+            losses = dist.all_reduce(torch.stack([out[k].detach().float() for k in ("loss", "mse", "aux")]), op="mean")
+            now = time.perf_counter()
+            last = {"step": step, "tokens": tokens_seen, "loss": float(losses[0]), "mse": float(losses[1]),
+                    "aux": float(losses[2]), "lambda": lam, "lr": opt.param_groups[0]["lr"], **m,
+                    "dead_frac": float((since_fired > cfg.dead_after_tokens).float().mean()),
+                    "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log, 1e-9)}
+            t_log, tok_log = now, tokens_seen
+            if info.is_main:
+                bar.set_postfix(loss=f"{last['loss']:.3g}", l0=f"{m['l0']:.1f}", fvu=f"{m['fvu']:.3f}",
+                                dead=f"{last['dead_frac']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                with log_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+                if wandb_run is not None:
+                    wandb_run.log(last, step=step)
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == n_steps:
+            save_checkpoint(run, step, sae, opt, since_fired, source, {"tokens_seen": tokens_seen},
+                            info.rank, info.world_size)
+    bar.close()
+
+    skipped = dist.all_gather_object(source.skips.to_dict())
+    metrics: dict[str, Any] = {}
+    if info.is_main:
+        from lineofsight.data import SkipCounter
+
+        skips = SkipCounter()
+        for s in skipped:
+            skips.merge(s)
+        sae.save(run / "sae")
+        elapsed = time.perf_counter() - start
+        metrics = {
+            "final_loss": last.get("loss"), "l0": last.get("l0"), "fvu": last.get("fvu"),
+            "dead_frac": float((since_fired > cfg.dead_after_tokens).float().mean()),
+            "tokens_seen": tokens_seen, "steps": step, "tokens_per_s": last.get("tokens_per_s"),
+            "wall_s": round(elapsed, 1), "world_size": info.world_size, "layer": layer,
+            "by_type": {k: v for k, v in last.items() if "/" in k}, "skipped": skips.to_dict(),
+            "act_scale": sae.cfg.act_scale,
+        }
+        write_json(run / "metrics.json", metrics)
+        if wandb_run is not None:
+            wandb_run.finish()
+        dist.print0(
+            f"done: {step} steps, {tokens_seen} tokens, loss {metrics['final_loss']:.4g}, L0 {metrics['l0']:.1f}, "
+            f"FVU {metrics['fvu']:.3f}, dead {metrics['dead_frac']:.3f}, {skips.summary()}; SAE in {run / 'sae'}"
+        )
+    dist.barrier()
+    dist.cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    from lineofsight.cli import run as run_cli
+
+    run_cli(main, Config)

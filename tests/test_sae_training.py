@@ -1,0 +1,183 @@
+"""Harvesting (token types, template tokens dropped) and sae/sae-trainer.py end to end: DDP equals one
+process, kill -9 + --resume equals an uninterrupted run, bad records are skipped and counted, bad
+input is one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, build_tiny, images, load_script, mistral_tokenizer
+from safetensors.torch import load_file
+
+from lineofsight.harvest import TOKEN_TYPES, Harvester
+
+
+def _run(args: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env, **kw)
+
+
+TRAINER = str(ROOT / "sae" / "sae-trainer.py")
+
+
+def test_harvest_keeps_image_and_caption_tokens_with_real_mistral_tokenizer():
+    model, processor = build_tiny("next-mistral", n_layers=3, seed=2)
+    tok = mistral_tokenizer()
+    captions = ["A brown dog runs along the beach.", "Two cups of coffee on a wooden table, seen from above."]
+    ims = images([(32, 32), (64, 32)], seed=3)
+    h = Harvester(model, processor, [1, 2], max_caption_tokens=64)
+    assert h.prompt == "[INST] <image>\nWhat is shown in this image? [/INST]"
+    batch = h(captions, ims, [7, 9])
+
+    for sample, caption, image in zip((7, 9), captions, ims, strict=True):
+        mine = batch.sample == sample
+        ctx = batch.token_id[mine & (batch.token_type == TOKEN_TYPES.index("text_in_context"))].tolist()
+        alone = batch.token_id[mine & (batch.token_type == TOKEN_TYPES.index("text_only"))].tolist()
+        assert alone == tok(caption)["input_ids"][1:]  # BOS dropped
+        assert ctx == alone  # the caption after [/INST] tokenizes like the caption alone
+        assert tok.decode(ctx) == caption
+        # exact residuals: the image tokens and the caption tokens of one unpadded forward
+        inputs = processor(text=[h.prompt + " " + caption], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            hs = model(**inputs, output_hidden_states=True).hidden_states
+        ids = inputs["input_ids"][0]
+        is_img = ids == 32000
+        n_prompt = len(tok(h.prompt)["input_ids"]) + int(is_img.sum()) - 1
+        assert ids[n_prompt:].tolist() == ctx
+        keep = is_img.clone()
+        keep[n_prompt:] = True
+        got = batch.acts[mine & (batch.token_type != TOKEN_TYPES.index("text_only"))]
+        assert int((batch.token_type[mine] == 0).sum()) == int(is_img.sum())
+        for j, layer in enumerate((1, 2)):
+            torch.testing.assert_close(got[:, j], hs[layer][0][keep], rtol=1e-5, atol=1e-5)
+        # template tokens (BOS, [INST], question, [/INST]) are never kept
+        assert not set(ids[~keep].tolist()) & set(batch.token_id[mine & (batch.token_type == 1)].tolist()) - set(ctx)
+
+
+def test_harvest_cuts_long_captions_and_filters_types():
+    model, processor = build_tiny("next-mistral", n_layers=3, seed=2)
+    h = Harvester(model, processor, [2], max_caption_tokens=4, types=("text_only",))
+    batch = h(["one two three four five six seven"], images([(32, 32)]), [0])
+    assert batch.token_type.tolist() == [2, 2, 2, 2]
+
+
+@pytest.fixture(scope="module")
+def token_cache(small_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokens")
+    proc = _run([sys.executable, "sae/cache_activations.py", "--data", str(small_world / "sharegpt4v.json"),
+                 "--layers", "1", "2", "--out", str(out), "--records-per-shard", "8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (cache,) = out.glob("tokens-*")
+    meta = json.loads((cache / "metadata.json").read_text())
+    assert meta["n_records"] == 16 and set(meta["n_tokens_by_type"]) == set(TOKEN_TYPES)
+    assert all(n > 0 for n in meta["n_tokens_by_type"].values())
+    return cache
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "sae" / "sae.safetensors")
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_torchrun_two_ranks_equals_one_process(token_cache, tmp_path, activation):
+    common = ["--activations", str(token_cache), "--layer", "2", "--activation", activation, "--k", "8",
+              "--expansion", "4", "--lr", "1e-3", "--total-tokens", str(64 * 2 * 12), "--checkpoint-every", "5"]
+    one = _run([sys.executable, TRAINER, *common, "--batch-size", "128", "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAINER,
+                *common, "--batch-size", "64", "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    ma = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert ma["tokens_seen"] == mb["tokens_seen"] == 64 * 2 * 12 and mb["world_size"] == 2
+    assert ma["final_loss"] == pytest.approx(mb["final_loss"], rel=1e-4)
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(small_world, tmp_path):
+    common = [TRAINER, "--data", str(small_world / "sharegpt4v.json"), "--layer", "2", "--expansion", "2",
+              "--lr", "1e-3", "--batch-size", "96", "--buffer-batches", "3", "--records-per-forward", "2",
+              "--total-tokens", str(96 * 24), "--checkpoint-every", "4"]
+    full = _run([sys.executable, *common, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *common, "--out", str(run), "--step-delay", "0.3"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "latest").is_file():
+        time.sleep(0.05)
+    time.sleep(0.5)  # a little past the checkpoint, mid-run
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
+    step = int((run / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert 0 < step < 24
+
+    resumed = _run([sys.executable, *common, "--out", str(run), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a, b = _weights(tmp_path / "full"), _weights(run)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    again = _run([sys.executable, *common, "--out", str(run), "--resume"])
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_missing_and_corrupt_images_are_skipped_and_counted(small_world, tmp_path):
+    records = json.loads((small_world / "sharegpt4v.json").read_text())[:6]
+    shutil.copytree(small_world / "sharegpt4v", tmp_path / "sharegpt4v")
+    (tmp_path / "sharegpt4v" / "broken.png").write_bytes(b"not a png")
+    records.append({**records[0], "id": "gone", "image": "sharegpt4v/missing.png"})
+    records.append({**records[0], "id": "bad", "image": "sharegpt4v/broken.png"})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    proc = _run([sys.executable, TRAINER, "--data", str(tmp_path / "data.json"), "--layer", "1", "--expansion", "2",
+                 "--batch-size", "64", "--buffer-batches", "2", "--total-tokens", "640", "--out", str(tmp_path / "run")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped"]
+    assert skipped["counts"]["missing"] >= 1 and skipped["counts"]["corrupt"] >= 1
+    assert "skipped" in proc.stdout and "missing" in proc.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layer", "99"], "out of range"),
+    (["--data", "/no/such/file.json"], "does not exist"),
+    (["--activations", "CACHE", "--layer", "3"], "not --layer 3"),
+    (["--activations", "CACHE", "--lr", "1e30", "--total-tokens", "20000"], "non-finite loss"),
+])
+def test_bad_input_is_one_line_exit_2(token_cache, tmp_path, extra, message):
+    extra = [str(token_cache) if a == "CACHE" else a for a in extra]
+    proc = _run([sys.executable, TRAINER, "--batch-size", "64", "--total-tokens", "640", "--checkpoint-every", "1",
+                 "--out", str(tmp_path / "run"), *extra])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_refuses_to_overwrite_a_run(token_cache, tmp_path):
+    args = [sys.executable, TRAINER, "--activations", str(token_cache), "--batch-size", "64", "--total-tokens", "640",
+            "--out", str(tmp_path / "run")]
+    assert _run(args).returncode == 0
+    proc = _run(args)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert _run(args + ["--overwrite"]).returncode == 0
+
+
+def test_schedules():
+    trainer = load_script("sae/sae-trainer.py")
+    assert trainer.lr_factor(0, 100, 0.2) == 1.0 and trainer.lr_factor(79, 100, 0.2) == 1.0
+    assert trainer.lr_factor(90, 100, 0.2) == pytest.approx(0.5) and trainer.lr_factor(100, 100, 0.2) == 0.0
+    assert trainer.l1_factor(0, 100, 0.05) == pytest.approx(0.2) and trainer.l1_factor(4, 100, 0.05) == 1.0
