@@ -36,12 +36,15 @@ TOKEN_TYPES: tuple[str, ...] = ("image", "text_in_context", "text_only")
 @dataclasses.dataclass
 class TokenBatch:
     """Harvested tokens, flat over the batch: ``acts [N, n_layers, D]``, ``token_type [N]`` (uint8 code),
-    ``sample [N]`` (the record's index given by the caller), ``token_id [N]``."""
+    ``sample [N]`` (the record's index given by the caller), ``token_id [N]`` and ``type_index [N]``
+    (the token's rank among its record's tokens of the same type: the j-th image token, the j-th
+    caption token)."""
 
     acts: torch.Tensor
     token_type: torch.Tensor
     sample: torch.Tensor
     token_id: torch.Tensor
+    type_index: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.token_type.shape[0])
@@ -132,6 +135,15 @@ class Harvester:
         return TokenBatch.cat(parts)
 
     def _with_image(self, captions: Sequence[str], images: Sequence[Any], sample_ids: Sequence[int]) -> TokenBatch:
+        inputs, keep, kind = self.prepare_with_image(captions, images)
+        return self._gather(self._run(inputs), keep, kind, inputs["input_ids"], sample_ids)
+
+    def prepare_with_image(
+        self, captions: Sequence[str], images: Sequence[Any]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Right-padded model inputs of pass 1, cut after the last kept position, with the kept
+        positions ``[B, T]`` and their type codes ``[B, T]`` (-1 where not kept). The caption
+        positions are kept whenever ``text_in_context`` is asked for; the codes say which is which."""
         inputs = self._right_padded(text=[self.prompt + " " + c for c in captions], images=list(images))
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
@@ -150,7 +162,7 @@ class Harvester:
             kind[img] = TOKEN_TYPES.index("image")
         width = int(keep.nonzero()[:, 1].max()) + 1 if keep.any() else 1
         inputs = {k: (v[:, :width] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
-        return self._gather(self._run(inputs), keep[:, :width], kind[:, :width], ids[:, :width], sample_ids)
+        return inputs, keep[:, :width], kind[:, :width]
 
     def _caption_only(self, captions: Sequence[str], sample_ids: Sequence[int]) -> TokenBatch:
         inputs = self._right_padded(text=list(captions))
@@ -168,7 +180,11 @@ class Harvester:
         rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
         acts = torch.stack([r[keep] for r in resid], 1).to(self.save_dtype).cpu()
         samples = torch.as_tensor(list(sample_ids), dtype=torch.long)[rows.cpu()]
-        return TokenBatch(acts, kind[keep].to(torch.uint8).cpu(), samples, ids[keep].cpu())
+        rank = torch.zeros_like(ids)
+        for code in kind[keep].unique().tolist():
+            same = keep & (kind == code)
+            rank = torch.where(same, same.long().cumsum(1) - 1, rank)
+        return TokenBatch(acts, kind[keep].to(torch.uint8).cpu(), samples, ids[keep].cpu(), rank[keep].cpu())
 
 
 def record_batches(records: Sequence[Any], indices: Sequence[int], image_root: Any, batch_size: int,

@@ -39,9 +39,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lineofsight.cli import UserError
 from lineofsight.io import save_tensors, write_json
 
-__all__ = ["ACTIVATIONS", "SAEConfig", "SparseAutoencoder", "fvu", "SAEError"]
+__all__ = ["ACTIVATIONS", "SAEConfig", "SAEError", "SparseAutoencoder", "check_sae_fits", "fvu", "load_sae"]
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
 WEIGHTS_FILE = "sae.safetensors"
@@ -338,6 +339,34 @@ class SparseAutoencoder(nn.Module):
         save_tensors(folder / "sae_weights.safetensors", tensors)
         write_json(folder / "cfg.json", cfg)
         return folder
+
+
+def check_sae_fits(sae: Any, model: Any, model_source: str, layer: int | None) -> int:
+    """The SAE's width and layer must fit the model; returns the layer to read."""
+    from lineofsight.models import check_layer
+
+    d_model = model.config.get_text_config(decoder=True).hidden_size
+    if sae.cfg.d_in != d_model:
+        raise UserError(f"SAE width d_in {sae.cfg.d_in} does not match the model's d_model {d_model}")
+    if sae.cfg.model and Path(sae.cfg.model).name != Path(model_source).name:
+        raise UserError(f"the SAE was trained on {sae.cfg.model}, not {model_source}")
+    layer = sae.cfg.layer if layer is None else layer
+    if layer is None:
+        raise UserError("the SAE's config has no layer; pass --layer")
+    if sae.cfg.layer is not None and sae.cfg.layer != layer:
+        raise UserError(f"the SAE reads layer {sae.cfg.layer}, not layer {layer}")
+    return check_layer(model, layer)
+
+
+def load_sae(path: Path, device: Any) -> Any:
+    """An SAE folder, or a trainer run folder holding ``sae/``; one-line errors for anything else."""
+    path = Path(path)
+    if (path / "sae" / "cfg.json").is_file():
+        path = path / "sae"
+    try:
+        return SparseAutoencoder.load(path, device=device).eval()
+    except SAEError as err:
+        raise UserError(f"--sae: {err}") from None
 
 
 def saelens_reconstruct(folder: Path | str, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ stops after the deepest one.
 
 Output: ``<out>/tokens-<hash>/`` named by a hash of what determines its contents: ``config.json``
 (first), ``shard-00000.safetensors`` ... (``acts [n_tokens, n_layers, d_model]``, ``token_type``
-(0 image, 1 text_in_context, 2 text_only), ``sample`` (record index), ``token_id``; the record ids
+(0 image, 1 text_in_context, 2 text_only), ``sample`` (record index), ``token_id``, ``type_index``
+(the j-th image / caption token of its record); the record ids
 and skipped images in the metadata; each written atomically, so a shard exists only when
 complete) and ``metadata.json`` (last: the cache is complete). Re-running resumes from the
 complete shards; under ``torchrun`` the ranks take disjoint shards.
@@ -151,7 +152,7 @@ def main(cfg: Config) -> Path:
             seen = skips.total
         batch = TokenBatch.cat(parts) if parts else TokenBatch(
             torch.zeros(0, len(layers), model.config.get_text_config(decoder=True).hidden_size),
-            torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+            torch.zeros(0, dtype=torch.uint8), *(torch.zeros(0, dtype=torch.long) for _ in range(3)))
         n_tokens += len(batch)
         save_tensors(shard_path(cache, shard), batch.to_dict(), {"skipped": json.dumps(skips.to_dict())})
         bar.set_postfix(tokens=n_tokens)

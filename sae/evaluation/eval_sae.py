@@ -1,0 +1,261 @@
+"""Evaluate an SAE on held-out captioned images: sparsity, reconstruction and CE loss recovered,
+split by token type.
+
+For every record, the trainer's two passes (``lineofsight/harvest.py``): image + question +
+caption, and the caption alone. Over the tokens the SAE was made for (image tokens, caption
+tokens in context, caption tokens alone) it measures, overall and per token type:
+
+* ``l0``: mean number of active latents per token;
+* ``fvu``: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the evaluated tokens (streamed:
+  the mean is taken over all of them);
+* ``cosine``: mean cosine between a token's residual and its reconstruction;
+* ``dead_frac``: latents never active on these tokens; ``dense_frac``: active on more than
+  ``--dense-threshold`` of them.
+
+CE loss recovered, ``1 - (CE_sae - CE_clean) / (CE_zero - CE_clean)``, is the next-token loss on
+the caption tokens of pass 1 with the layer's residual replaced by the SAE reconstruction
+(``CE_sae``) or by zeros (``CE_zero``) at the image positions, at the caption positions, or at
+both (``all``). Tokens are streamed batch by batch: no more than one batch of activations is
+held. Writes ``eval.json`` into ``--out`` and prints a table.
+
+    python sae/evaluation/eval_sae.py --sae runs/sae/sae --offset 448 --out results/sae/eval   # toy
+    python sae/evaluation/eval_sae.py --model llava-hf/llava-v1.6-mistral-7b-hf --dtype bfloat16 \\
+        --sae /scratch/sae-l8/sae --data /data/sharegpt4v/sharegpt4v_instruct_gpt4-vision_cap100k.json \\
+        --image-root /data/sharegpt4v --limit 2000 --out results/sae-l8-eval
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from lineofsight.toy import TOY_WORLD_DIR
+
+SPLICES = ("image", "text", "all")
+GROUPS = ("all", "image", "text_in_context", "text_only")
+
+
+@dataclasses.dataclass
+class Config:
+    """Options for SAE evaluation."""
+
+    sae: Path = Path("runs/sae/sae")
+    """SAE folder (sae.safetensors + cfg.json), or a trainer run folder holding sae/."""
+    model: str = "toy"
+    """The model the SAE was trained on: 'toy', an HF id or a local directory."""
+    data: Path = TOY_WORLD_DIR / "sharegpt4v.json"
+    """ShareGPT4V-format JSON list of records (use records the SAE did not train on)."""
+    image_root: Path | None = None
+    """Folder the records' image paths are relative to (default: the JSON file's folder)."""
+    offset: int = 0
+    """Skip the first N records (e.g. the ones the SAE was trained on with --limit)."""
+    limit: int | None = 64
+    """Evaluate at most N records."""
+    max_caption_tokens: int = 128
+    """Caption tokens kept per pass."""
+    batch_size: int = 8
+    """Records per forward pass."""
+    dense_threshold: float = 0.1
+    """A latent active on more than this fraction of tokens counts as dense."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model dtype."""
+    device: str | None = None
+    """Device (default: GPU if there is one, else cpu)."""
+    out: Path = Path("runs/sae-eval")
+    """Folder for eval.json."""
+
+    def __post_init__(self) -> None:
+        from lineofsight.cli import UserError
+
+        if self.batch_size < 1 or self.max_caption_tokens < 1:
+            raise UserError("--batch-size and --max-caption-tokens must be positive")
+        if self.offset < 0 or (self.limit is not None and self.limit < 1):
+            raise UserError("--offset must be >= 0 and --limit positive")
+
+
+class Stats:
+    """Streaming sums for L0, FVU, cosine and firing counts of one token group."""
+
+    def __init__(self, d_in: int, d_sae: int) -> None:
+        import torch
+
+        self.n = 0
+        self.l0 = 0.0
+        self.cos = 0.0
+        self.err = 0.0
+        self.sq = 0.0
+        self.sum = torch.zeros(d_in, dtype=torch.float64)
+        self.fires = torch.zeros(d_sae, dtype=torch.long)
+
+    def add(self, x: Any, x_hat: Any, latents: Any) -> None:
+        import torch
+
+        if len(x) == 0:
+            return
+        x, x_hat = x.double().cpu(), x_hat.double().cpu()
+        active = (latents > 0).cpu()
+        self.n += len(x)
+        self.l0 += float(active.sum())
+        self.cos += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum())
+        self.err += float((x - x_hat).pow(2).sum())
+        self.sq += float(x.pow(2).sum())
+        self.sum += x.sum(0)
+        self.fires += active.sum(0)
+
+    def result(self, dense_threshold: float) -> dict[str, float | None]:
+        if self.n == 0:
+            return {"n_tokens": 0, "l0": None, "fvu": None, "cosine": None, "dead_frac": None, "dense_frac": None}
+        total = self.sq - float(self.sum.pow(2).sum()) / self.n  # sum ||x - mean||^2
+        return {
+            "n_tokens": self.n,
+            "l0": self.l0 / self.n,
+            "fvu": self.err / total if total > 0 else float("nan"),
+            "cosine": self.cos / self.n,
+            "dead_frac": float((self.fires == 0).float().mean()),
+            "dense_frac": float((self.fires > dense_threshold * self.n).float().mean()),
+        }
+
+
+def ce_recovered(clean: float, spliced: float, zero: float) -> float:
+    """``1 - (CE_sae - CE_clean) / (CE_zero - CE_clean)``: 1 for a perfect SAE, 0 for zero ablation."""
+    return 1.0 - (spliced - clean) / (zero - clean) if zero != clean else float("nan")
+
+
+def caption_nll(logits_BTV: Any, input_ids_BT: Any, caption_BT: Any) -> tuple[float, int]:
+    """Summed next-token NLL over the caption positions (predicted from the position before) and their count."""
+    import torch
+
+    target = caption_BT[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits_BTV[:, :-1].float().transpose(1, 2), input_ids_BT[:, 1:], reduction="none"
+    )
+    return float(nll[target].sum()), int(target.sum())
+
+
+def _splice(mask_BT: Any, value_BTD: Any) -> Any:
+    """An ``edit_input`` that puts ``value_BTD`` at the masked positions of the residual."""
+    import torch
+
+    def edit(h_BTD: Any) -> Any:
+        return torch.where(mask_BT[..., None], value_BTD.to(h_BTD.dtype), h_BTD)
+
+    return edit
+
+
+def evaluate(model: Any, sae: Any, harvester: Any, batches: Any, dense_threshold: float) -> dict[str, Any]:
+    """Stream ``batches`` of ``(indices, captions, images)`` and return the metrics dict."""
+    import torch
+
+    from lineofsight.harvest import TOKEN_TYPES
+    from lineofsight.hooks import Trace
+
+    site = harvester.sites[0]
+    stats = {g: Stats(sae.cfg.d_in, sae.cfg.d_sae) for g in GROUPS}
+    nll = {"clean": 0.0, **{f"{kind}/{s}": 0.0 for kind in ("zero", "sae") for s in SPLICES}}
+    n_caption = 0
+    image_code, text_code = TOKEN_TYPES.index("image"), TOKEN_TYPES.index("text_in_context")
+    text_only = "text_only" in harvester.types
+    for idx, captions, images in batches:
+        if not idx:
+            continue
+        inputs, keep, kind = harvester.prepare_with_image(captions, images)
+        with torch.no_grad(), Trace(model, site, retain_input=True, retain_output=False) as tr:
+            logits = model(**inputs, use_cache=False).logits
+        ids = inputs["input_ids"]
+        caption = kind == text_code
+        value, count = caption_nll(logits, ids, caption)
+        nll["clean"] += value
+        n_caption += count
+        x = tr.input
+        with torch.no_grad():
+            x_hat, latents = sae(x[keep])
+        codes = kind[keep]
+        for g, sel in (("image", codes == image_code), ("text_in_context", codes == text_code)):
+            stats[g].add(x[keep][sel], x_hat[sel], latents[sel])
+            stats["all"].add(x[keep][sel], x_hat[sel], latents[sel])
+        recon = torch.zeros_like(x)
+        recon[keep] = x_hat.to(x.dtype)
+        masks = {"image": kind == image_code, "text": caption, "all": (kind == image_code) | caption}
+        for splice, mask in masks.items():
+            for name, value_BTD in (("zero", torch.zeros_like(x)), ("sae", recon)):
+                with torch.no_grad(), Trace(model, site, retain_output=False, edit_input=_splice(mask, value_BTD)):
+                    out = model(**inputs, use_cache=False).logits
+                nll[f"{name}/{splice}"] += caption_nll(out, ids, caption)[0]
+        if text_only:
+            got = harvester._caption_only(captions, idx)
+            xt = got.acts[:, 0].to(next(sae.parameters()).device)
+            with torch.no_grad():
+                xt_hat, lat_t = sae(xt)
+            stats["text_only"].add(xt, xt_hat, lat_t)
+            stats["all"].add(xt, xt_hat, lat_t)
+    if n_caption == 0 and stats["all"].n == 0:
+        from lineofsight.cli import UserError
+
+        raise UserError("no tokens to evaluate (empty evaluation set, or every image was unreadable)")
+    per_group = {g: stats[g].result(dense_threshold) for g in GROUPS}
+    ce = {k: v / max(n_caption, 1) for k, v in nll.items()}
+    out: dict[str, Any] = {
+        metric: {g: per_group[g][metric] for g in GROUPS}
+        for metric in ("l0", "fvu", "cosine", "dead_frac", "dense_frac", "n_tokens")
+    }
+    out["ce_recovered"] = {s: ce_recovered(ce["clean"], ce[f"sae/{s}"], ce[f"zero/{s}"]) for s in SPLICES}
+    out["ce"] = ce
+    out["n_caption_tokens"] = n_caption
+    return out
+
+
+def print_table(metrics: dict[str, Any]) -> None:
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    print(f"{'tokens':<16}" + "".join(f"{m:>11}" for m in ("n", "L0", "FVU", "cosine", "dead", "dense")))
+    for g in GROUPS:
+        row = [str(metrics["n_tokens"][g])] + [fmt(metrics[m][g]) for m in ("l0", "fvu", "cosine", "dead_frac",
+                                                                             "dense_frac")]
+        print(f"{g:<16}" + "".join(f"{v:>11}" for v in row))
+    print("CE loss recovered: " + "  ".join(f"{s} {metrics['ce_recovered'][s]:.3f}" for s in SPLICES)
+          + f"  (clean CE {metrics['ce']['clean']:.3f} nats/token)")
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    import torch
+
+    from lineofsight.cli import UserError
+    from lineofsight.data import SkipCounter, read_sharegpt4v
+    from lineofsight.harvest import Harvester, record_batches
+    from lineofsight.io import provenance, write_json
+    from lineofsight.models import load_vlm, resolve_model_path
+    from lineofsight.sae import check_sae_fits, load_sae
+
+    start = time.perf_counter()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sae = load_sae(cfg.sae, device)
+    records = read_sharegpt4v(cfg.data)[cfg.offset :]
+    records = records[: cfg.limit] if cfg.limit is not None else records
+    if not records:
+        raise UserError(f"--data {cfg.data} has no records after --offset {cfg.offset}")
+    model_source = resolve_model_path(cfg.model)
+    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=device)
+    layer = check_sae_fits(sae, model, model_source, None)
+    types = sae.cfg.token_types or ("image", "text_in_context", "text_only")
+    harvester = Harvester(model, processor, [layer], max_caption_tokens=cfg.max_caption_tokens,
+                          types=tuple(set(types) | {"text_in_context"}))
+    harvester.check_boundary(records[0].caption)
+    skips = SkipCounter()
+    batches = record_batches(records, range(len(records)), cfg.image_root or cfg.data.parent, cfg.batch_size, skips)
+    metrics = evaluate(model, sae, harvester, batches, cfg.dense_threshold)
+    metrics.update({"layer": layer, "sae": str(cfg.sae), "model": model_source, "n_records": len(records),
+                    "offset": cfg.offset, "skipped": skips.to_dict(), "wall_s": round(time.perf_counter() - start, 1),
+                    "provenance": provenance()})
+    write_json(Path(cfg.out) / "eval.json", metrics)
+    print_table(metrics)
+    print(f"wrote {Path(cfg.out) / 'eval.json'}; {skips.summary()}")
+    return metrics
+
+
+if __name__ == "__main__":
+    from lineofsight.cli import run
+
+    run(main, Config)

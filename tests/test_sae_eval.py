@@ -1,0 +1,198 @@
+"""SAE evaluation metrics, modality scores and the HardConcrete approximation of steering vectors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, build_tiny, images, load_script
+
+from lineofsight.harvest import Harvester
+from lineofsight.sae import SAEConfig, SparseAutoencoder
+
+eval_sae = load_script("sae/evaluation/eval_sae.py")
+modality = load_script("sae/evaluation/modality.py")
+approx = load_script("sae/approximate_steering_vectors.py")
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+
+
+def test_stats_match_hand_computation():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 2.0]])
+    x_hat = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    latents = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0, 3.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    st = eval_sae.Stats(d_in=2, d_sae=4)
+    st.add(x[:2], x_hat[:2], latents[:2])  # streamed in two pieces
+    st.add(x[2:], x_hat[2:], latents[2:])
+    r = st.result(dense_threshold=0.5)
+    assert r["n_tokens"] == 3
+    assert r["l0"] == pytest.approx(4 / 3)
+    # residual 0 + 1 + 1 = 2; mean (2/3, 4/3): total = (1/9 + 16/9) + (4/9 + 4/9) + (1/9 + 4/9) = 30/9
+    assert r["fvu"] == pytest.approx(2 / (30 / 9))
+    cos = [1.0, 1.0, (2 + 4) / (math.sqrt(5) * math.sqrt(8))]
+    assert r["cosine"] == pytest.approx(sum(cos) / 3)
+    assert r["dead_frac"] == pytest.approx(0.5)  # latents 2 and 3 never fire
+    assert r["dense_frac"] == pytest.approx(0.25)  # latent 0 fires on 3/3 > 0.5; latent 1 on 1/3
+    assert eval_sae.ce_recovered(2.0, 2.0, 5.0) == 1.0 and eval_sae.ce_recovered(2.0, 5.0, 5.0) == 0.0
+    assert eval_sae.ce_recovered(2.0, 3.5, 5.0) == pytest.approx(0.5)
+
+
+def _identity_sae(d: int) -> SparseAutoencoder:
+    """relu(x) - relu(-x) = x exactly: W_enc = [I, -I], W_dec = [I; -I]."""
+    sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=2 * d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+    return sae.eval()
+
+
+def test_ce_recovered_is_one_for_identity_and_zero_for_zero_sae():
+    model, processor = build_tiny("next-mistral", n_layers=3, seed=4)
+    harvester = Harvester(model, processor, [2], max_caption_tokens=32)
+    captions = ["A red ball lies on green grass.", "Three birds sit on a wire against a grey sky."]
+    batches = [([0, 1], captions, images([(32, 32), (64, 32)], seed=5))]
+    ident = eval_sae.evaluate(model, _identity_sae(64), harvester, batches, 0.1)
+    for splice in ("image", "text", "all"):
+        assert ident["ce_recovered"][splice] == 1.0
+        assert ident["ce"][f"zero/{splice}"] != ident["ce"]["clean"]
+    assert ident["fvu"]["all"] == 0.0 and ident["fvu"]["image"] == 0.0
+    assert ident["n_tokens"]["text_only"] > 0 and ident["n_tokens"]["image"] > 0
+
+    zero = SparseAutoencoder(SAEConfig(d_in=64, d_sae=128))
+    with torch.no_grad():
+        zero.W_dec.zero_()
+    res = eval_sae.evaluate(model, zero.eval(), harvester, batches, 0.1)
+    for splice in ("image", "text", "all"):
+        assert res["ce_recovered"][splice] == 0.0
+    assert res["fvu"]["all"] >= 1.0  # x_hat = 0: sum ||x||^2 >= sum ||x - mean||^2
+
+
+def test_modality_scores_image_only_text_only_and_shared():
+    st = modality.LatentStats(d_sae=4, top_k=2)
+    types = torch.tensor([0, 0, 1, 2, 2])
+    latents = torch.tensor([
+        [1.0, 0.0, 1.0, 0.0],  # image token
+        [2.0, 0.0, 1.0, 0.0],  # image token
+        [0.0, 1.0, 1.0, 0.0],  # caption token in context
+        [0.0, 3.0, 1.0, 0.0],  # caption alone
+        [0.0, 0.0, 0.0, 0.0],
+    ])
+    st.add(latents, types, torch.arange(5))
+    scores = st.scores()
+    assert scores["mass"][0] == 1.0 and scores["mass"][1] == 0.0 and scores["mass"][2] == 0.5
+    assert math.isnan(float(scores["mass"][3]))  # never fires: left out
+    # frequency: latent 2 fires on 2/2 image and 2/3 text tokens -> 1 / (1 + 2/3)
+    assert float(scores["frequency"][2]) == pytest.approx(1 / (1 + 2 / 3))
+    shares = modality.categorise(scores["mass"], 0.9, 0.1)
+    assert shares["n_live"] == 3
+    assert shares["image_only"] == pytest.approx(1 / 3) and shares["text_only"] == pytest.approx(1 / 3)
+    assert st.top_val[0, 0].tolist() == [2.0, 1.0] and st.top_tok[0, 0].tolist() == [1, 0]
+    assert st.top_val[1, 1].tolist() == [3.0, 1.0] and st.top_tok[1, 1].tolist() == [3, 2]
+
+
+def test_hard_concrete_recovers_a_five_atom_vector_and_beats_random():
+    g = torch.Generator().manual_seed(0)
+    D = torch.nn.functional.normalize(torch.randn(512, 64, generator=g), dim=-1)
+    atoms = [3, 50, 120, 300, 451]
+    target = (torch.tensor([1.0, 0.8, 0.6, 1.2, 0.5])[:, None] * D[atoms]).sum(0, keepdim=True)
+    rand = approx.random_unit(8, 64, seed=1)
+    lam = torch.full((9,), 1e-2)
+    fit = approx.hard_concrete_fit(torch.cat([target, rand]), D, lam, steps=1000, lr=1e-2, seed=0)
+    assert float(fit["cosine"][0]) >= 0.99 and int(fit["l0"][0]) <= 10
+    assert set(atoms) <= set(fit["gates"][0].nonzero().flatten().tolist())
+    # random directions get less cosine for at least as many latents
+    assert float(fit["cosine"][1:].mean()) < float(fit["cosine"][0]) - 0.1
+    assert float(fit["l0"][1:].float().mean()) >= int(fit["l0"][0])
+
+
+@pytest.fixture(scope="module")
+def toy_sae(tmp_path_factory):
+    """A small SAE trained on the toy model's layer 2 over the first 64 captions of a small world."""
+    from lineofsight.toy import generate_world
+
+    world = generate_world(tmp_path_factory.mktemp("w") / "world", seed=0, n_train_per_class=1, n_val_per_class=1,
+                           n_captions=80)
+    out = tmp_path_factory.mktemp("sae") / "run"
+    (world / "train.json").write_text(json.dumps(json.loads((world / "sharegpt4v.json").read_text())[:64]))
+    proc = _run(["sae/sae-trainer.py", "--data", str(world / "train.json"), "--layer", "2", "--expansion", "4",
+                 "--lr", "1e-3", "--batch-size", "256", "--total-tokens", "40000", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return world, out
+
+
+def test_toy_sae_recovers_most_of_the_loss(toy_sae, tmp_path):
+    world, run = toy_sae
+    proc = _run(["sae/evaluation/eval_sae.py", "--sae", str(run), "--data", str(world / "sharegpt4v.json"),
+                 "--offset", "64", "--limit", "16", "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["ce_recovered"]["all"] >= 0.8
+    assert set(res["l0"]) == {"all", "image", "text_in_context", "text_only"}
+    assert "CE loss recovered" in proc.stdout
+
+
+def test_modality_and_approximation_scripts_run(toy_sae, tmp_path):
+    world, run = toy_sae
+    proc = _run(["sae/evaluation/modality.py", "--saes", str(run), "--data", str(world / "sharegpt4v.json"),
+                 "--offset", "64", "--limit", "8", "--out", str(tmp_path / "mod")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "mod" / "modality.json").read_text())
+    shares = res["layers"]["2"]["mass"]
+    assert shares["image_only"] + shares["shared"] + shares["text_only"] == pytest.approx(1.0)
+    assert (tmp_path / "mod" / "modality_by_layer.png").is_file()
+
+    vec = tmp_path / "vectors"
+    vec.mkdir()
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"circle@square/2": torch.randn(128, generator=g), "star@ring/2": torch.randn(128, generator=g)},
+              vec / "vectors.safetensors")
+    (vec / "vectors.json").write_text(json.dumps({"layers": [2], "pairs": ["circle@square", "star@ring"]}))
+    proc = _run(["sae/approximate_steering_vectors.py", "--vectors", str(vec), "--sae", str(run), "--steps", "50",
+                 "--lambdas", "0.001", "0.01", "--export-lambda", "0.01", "--out", str(tmp_path / "ap")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "ap" / "approximation.json").read_text())
+    assert set(res["steering"]["by_lambda"]) == {"0.001", "0.01"}
+    assert (tmp_path / "ap" / "vectors" / "vectors.safetensors").is_file()
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file({"circle@square/2": torch.randn(64)}, bad / "vectors.safetensors")
+    (bad / "vectors.json").write_text(json.dumps({"layers": [2], "pairs": ["circle@square"]}))
+    proc = _run(["sae/approximate_steering_vectors.py", "--vectors", str(bad), "--sae", str(run), "--out",
+                 str(tmp_path / "x")])
+    assert proc.returncode == 2 and "width 64" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("kind", ["layer", "width", "empty"])
+def test_eval_bad_input_is_one_line_exit_2(toy_sae, tmp_path, kind):
+    world, run = toy_sae
+    sae_dir = run / "sae"
+    args = ["--data", str(world / "sharegpt4v.json"), "--limit", "2"]
+    if kind in ("layer", "width"):
+        sae = SparseAutoencoder.load(sae_dir)
+        if kind == "layer":
+            sae.cfg.layer = 99
+            expected = "out of range"
+        else:
+            sae = SparseAutoencoder(SAEConfig(d_in=64, d_sae=128, model=sae.cfg.model, layer=2))
+            expected = "does not match the model's d_model 128"
+        sae_dir = tmp_path / "sae"
+        sae.save(sae_dir)
+    else:
+        args = ["--data", str(world / "sharegpt4v.json"), "--offset", "100000"]
+        expected = "no records after --offset"
+    proc = _run(["sae/evaluation/eval_sae.py", "--sae", str(sae_dir), *args, "--out", str(tmp_path / "o")])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, proc.stderr[-2000:]
