@@ -31,7 +31,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
-    import torch
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor, PreTrainedTokenizerFast
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -121,9 +120,9 @@ def _unit_polygon(cls: str) -> np.ndarray | None:
         r = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
         return np.stack([r * np.cos(a), r * np.sin(a) + 0.08], 1)
     if cls == "cross":
-        w, l = 0.24, 0.95
+        w, a = 0.24, 0.95  # half-width and arm length
         return np.array(
-            [[-w, -l], [w, -l], [w, -w], [l, -w], [l, w], [w, w], [w, l], [-w, l], [-w, w], [-l, w], [-l, -w], [-w, -w]]
+            [[-w, -a], [w, -a], [w, -w], [a, -w], [a, w], [w, w], [w, a], [-w, a], [-w, w], [-a, w], [-a, -w], [-w, -w]]
         )
     if cls == "diamond":
         return np.array([[0.0, -1.0], [0.62, 0.0], [0.0, 1.0], [-0.62, 0.0]])
@@ -460,7 +459,12 @@ class ToyModelConfig:
 def build_toy_model(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaNextForConditionalGeneration:
     """Randomly initialised toy ``LlavaNextForConditionalGeneration`` (float32, eval mode)."""
     import torch
-    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        MistralConfig,
+    )
 
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden,

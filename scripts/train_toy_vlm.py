@@ -1,23 +1,28 @@
-"""Train the toy LLaVA-NeXT on the shape world, from scratch, on CPU, in a few minutes.
+"""Train the toy LLaVA-NeXT on the shape world, from scratch, on CPU, in under 10 minutes.
 
-Two stages, like LLaVA's pre-trained CLIP followed by visual instruction tuning:
+Three stages, like LLaVA's pre-trained CLIP followed by visual instruction tuning:
 
-1. **Vision pre-training.** The CLIP tower alone learns to classify shape, colour, size and
-   background from the mean of its patch features over all anyres tiles (a linear head per
-   attribute, thrown away afterwards). Training the tower jointly with the language model from
-   scratch stalls (about 60 % caption accuracy after 5 minutes); pre-training it does not.
-2. **VLM training.** With the tower frozen, the projector, ``image_newline`` and the Mistral
-   backbone learn four tasks: captioning, the steering forced choice
+1. **Vision pre-training** (about 160 s). The CLIP tower and the projector learn shape, colour,
+   size and background (see :func:`pretrain_vision`: max-pooled attribute heads, a per-patch
+   class head, and the mean projected image token aligned with the caption words' embeddings).
+   Training the tower jointly with the language model from scratch stalls (about 60 % caption
+   accuracy after 5 minutes); pre-training it does not.
+1b. **Yes/no in text** (about 60 s). The language model learns to answer
+   ``Is there a <class> in this image?`` about a caption given as text. Learnt from the image
+   alone, the comparison of the question's word with what is shown stays at chance for the whole
+   budget (the loss only rewards the product of two signals); in a short text context it is
+   learnt in seconds, and stage 2 then only has to feed it what the image shows.
+2. **VLM training** (about 310 s). The projector, ``image_newline``, the Mistral backbone and (at
+   a lower learning rate) the tower learn captioning, the steering forced choice
    (``Reply either "a" or "b" ...`` -> class word), balanced yes/no questions (about the class or
-   the colour) and plain caption language modelling without an image. The loss is taken on the
-   answer tokens and EOS only, averaged per example, with yes/no examples up-weighted: a yes/no
-   answer is a single token that requires comparing the question's class word with the image.
+   the colour) and text-only rows, with the per-patch class loss kept on the projected image
+   tokens. The loss is taken on the answer tokens and EOS only, averaged per example.
 
 At the end the held-out accuracies (fresh images from a stream training never sees) and a few
 generations are printed, and the model + processor are saved with ``save_pretrained`` into a
 temporary sibling of ``--out`` and renamed into place.
 
-    python scripts/train_toy_vlm.py                   # writes data/toy/model (about 5 minutes on 2 cores)
+    python scripts/train_toy_vlm.py                   # writes data/toy/model (about 9-10 minutes on 2 cores)
     python scripts/train_toy_vlm.py --tiny --out /tmp/toy --overwrite   # seconds; for tests
 """
 
@@ -55,36 +60,51 @@ class Config:
     """side of the world images in pixels (64 -> 2x2 anyres tiles of 32 plus the base tile)"""
     n_images: int = 6000
     """distinct training images, rendered in memory from the world generator"""
-    pretrain_steps: int = 900
+    pretrain_steps: int = 1400
     """stage 1: vision-tower classification steps"""
     pretrain_batch_size: int = 64
     """stage 1: images per step"""
     pretrain_lr: float = 3e-3
     """stage 1: AdamW peak learning rate"""
-    steps: int = 500
+    dense_weight: float = 1.0
+    """stage 1: weight of the per-patch class loss (see pretrain_vision)"""
+    dense_weight_vlm: float = 0.5
+    """stage 2: weight of the same per-patch loss on the projected image tokens, so the VLM training
+    keeps the class readable from every shape token (and from their mean: what the probes read)"""
+    steps: int = 750
     """stage 2: VLM steps"""
     batch_size: int = 32
     """stage 2: image examples per step"""
     text_batch_size: int = 8
     """stage 2: text-only caption examples per step (no image)"""
-    lr: float = 2e-3
+    lr: float = 1e-3
     """stage 2: AdamW peak learning rate (linear warmup, cosine decay to 10 %)"""
     warmup_frac: float = 0.05
     """fraction of each stage spent warming up the learning rate"""
-    p_caption: float = 0.3
+    p_caption: float = 0.35
     """stage 2: probability an image example is a caption"""
-    p_forced_choice: float = 0.25
+    p_forced_choice: float = 0.2
     """stage 2: probability an image example is a forced choice (the rest are yes/no)"""
     p_colour_question: float = 0.25
     """stage 2: fraction of yes/no examples that ask about the colour instead of the class"""
+    text_steps: int = 400
+    """stage 1b: steps of text-only yes/no questions about captions (batch_size rows each)"""
+    max_filler: int = 12
+    """stage 1b: up to this many "." tokens between the caption and the question"""
+    yesno_only_until: float = 0.0
+    """stage 2 curriculum: fraction of the steps in which every example is a yes/no question"""
     yesno_bias: float = 0.35
     """stage 2 curriculum: P(yes) starts at 0.5 +- this (by image class half) and decays to 0.5"""
-    yesno_bias_until: float = 0.5
+    yesno_bias_until: float = 0.0
     """stage 2 curriculum: fraction of the steps after which yes/no answers are balanced"""
+    caption_weight: float = 4.0
+    """stage 2: loss weight of a caption example (its loss is averaged over ~10 tokens, most of
+    them template words, so the class word needs the extra weight)"""
     yesno_weight: float = 2.0
     """stage 2: loss weight of a yes/no example relative to the others"""
     p_text_yesno: float = 0.5
-    """stage 2: fraction of text-only rows that are yes/no questions about a caption given as text"""
+    """stages 1b and 2: fraction of text-only rows that are yes/no questions about a caption given
+    as text (the rest: half forced choices about it, half plain caption language modelling)"""
     text_weight: float = 0.3
     """stage 2: weight of the text-only caption loss"""
     train_tower: bool = True
@@ -142,9 +162,33 @@ def hflip_tiles(pixels_BPCHW: Any, flip_B: Any, grid: tuple[int, int]) -> Any:
     return torch.where(flip_B[:, None, None, None, None], flipped, pixels_BPCHW)
 
 
+def shape_coverage(masks: list[Any], image_size: int, tile: int, patch: int) -> Any:
+    """Fraction of each vision patch covered by the shape, laid out like the processor's anyres
+    pixels: ``[N, 1 + tiles, 1, tile // patch, tile // patch]``, the base tile (the whole image
+    resized to one tile) first, then the tiles row by row."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    m = torch.tensor(np.stack(masks))[:, None]  # N, 1, H, W
+    n_side = image_size // tile
+    base = nn.functional.avg_pool2d(m, patch * n_side)[:, 0]
+    fine = nn.functional.avg_pool2d(m, patch)[:, 0]
+    per = tile // patch
+    tiles = [fine[:, r * per : (r + 1) * per, c * per : (c + 1) * per] for r in range(n_side) for c in range(n_side)]
+    return torch.stack([base, *tiles], 1)[:, :, None]
+
+
 def pretrain_vision(
-    cfg: Config, model: Any, pixels_NPCHW: Any, attrs: dict[str, Any], grid: tuple[int, int], gen: Any
-) -> dict[str, float]:
+    cfg: Config,
+    model: Any,
+    pixels_NPCHW: Any,
+    attrs: dict[str, Any],
+    word_ids: dict[str, list[int]],
+    coverage_NP1hw: Any,
+    grid: tuple[int, int],
+    gen: Any,
+) -> tuple[dict[str, float], Any]:
     """Stage 1: the tower and the projector learn shape, colour, size and background.
 
     Two readouts per attribute, summed:
@@ -153,13 +197,21 @@ def pretrain_vision(
       projector reads. Max pooling sends the gradient to the tokens on the shape, so the tower
       learns shape features fast; mean pooling drowns them in background tokens and stays near
       chance for the whole budget.
-    * **mean**: a linear head on the mean over tokens of ``RMSNorm(projector(token))``, which is
-      what a freshly initialised language model sees through near-uniform attention after its
-      first RMSNorm. Training the projector so that this average is decodable gives the language
-      model a first-order signal from the image; with a random projector (or one whose features
-      are only max-decodable) it learns the text prior and ignores the image for the whole run.
+    * **mean**: the mean over tokens of ``RMSNorm(projector(token))`` (what a freshly initialised
+      language model sees through near-uniform attention after its first RMSNorm) scored against
+      the language model's own (frozen) input embeddings of the attribute words, e.g. of
+      "circle", ..., "ring". The image tokens then read, on average, like the words of their
+      caption (LLaVA's stage-1 alignment in miniature): the language model gets a first-order
+      signal from the image, and what it learns about class words in text carries over. With a
+      random projector it learns the text prior and ignores the image for the whole run.
 
-    Returns held-in accuracies of both readouts over the last 10 % of steps.
+    * **dense**: a linear head on every projected patch token names the class of the shape the
+      patch lies on (or "background" when the shape covers under 30 % of it). Each shape token
+      then carries the class itself, so the *mean* image-token residual is linearly decodable
+      (what the probes measure) even for small shapes that cover a few patches.
+
+    Returns held-in accuracies of both readouts over the last 10 % of steps, and the dense head
+    (stage 2 keeps training it, so the per-patch class information survives the VLM training).
     """
     import torch
     from torch import nn
@@ -172,9 +224,11 @@ def pretrain_vision(
     n_classes = {"cls": len(CLASSES), "colour": len(COLOURS), "size": len(SIZES), "background": len(BACKGROUNDS)}
     max_heads = nn.ModuleDict({k: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n)) for k, n in n_classes.items()})
     mean_norm = nn.RMSNorm(d_text, eps=1e-6)
-    mean_heads = nn.ModuleDict({k: nn.Linear(d_text, n) for k, n in n_classes.items()})
-    modules = [tower, projector, max_heads, mean_norm, mean_heads]
-    params = [p for m in modules for p in m.parameters()]
+    dense_head = nn.Linear(d_text, len(CLASSES) + 1)
+    embed_VH = model.get_input_embeddings().weight.detach()
+    word_scale = nn.Parameter(torch.tensor(1.0 / embed_VH.std().item() / d_text**0.5))
+    modules = [tower, projector, max_heads, mean_norm, dense_head]
+    params = [p for m in modules for p in m.parameters()] + [word_scale]
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.pretrain_steps, cfg.warmup_frac))
     tower.train()
@@ -186,11 +240,15 @@ def pretrain_vision(
         flip = torch.rand(len(idx), generator=gen) < 0.5
         pix = hflip_tiles(pixels_NPCHW[idx], flip, grid).flatten(0, 1)
         hidden = tower(pix, output_hidden_states=True).hidden_states[cfg.model.vision_feature_layer][:, 1:]
+        projected = projector(hidden)
         max_BD = hidden.reshape(len(idx), -1, d).amax(1)
-        mean_BH = mean_norm(projector(hidden)).reshape(len(idx), -1, d_text).mean(1)
-        loss = torch.zeros(())
+        mean_BH = mean_norm(projected).reshape(len(idx), -1, d_text).mean(1)
+        on_shape = hflip_tiles(coverage_NP1hw[idx], flip, grid).reshape(len(idx), -1) > 0.3
+        patch_label = torch.where(on_shape, attrs["cls"][idx][:, None], len(CLASSES)).reshape(-1)
+        loss = cfg.dense_weight * nn.functional.cross_entropy(dense_head(projected.reshape(-1, d_text)), patch_label)
         for key in n_classes:
-            for name, logits in (("max", max_heads[key](max_BD)), ("mean", mean_heads[key](mean_BH))):
+            word_logits = word_scale * mean_BH @ embed_VH[word_ids[key]].T
+            for name, logits in (("max", max_heads[key](max_BD)), ("mean", word_logits)):
                 loss = loss + nn.functional.cross_entropy(logits, attrs[key][idx])
                 if key == "cls" and step >= 0.9 * cfg.pretrain_steps:
                     hits[name].append((logits.argmax(-1) == attrs[key][idx]).float().mean().item())
@@ -202,7 +260,7 @@ def pretrain_vision(
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     tower.eval()
-    return {k: sum(v) / max(1, len(v)) for k, v in hits.items()}
+    return {k: sum(v) / max(1, len(v)) for k, v in hits.items()}, dense_head
 
 
 def main(cfg: Config) -> dict[str, Any]:
@@ -243,6 +301,7 @@ def main(cfg: Config) -> dict[str, Any]:
         "size": torch.tensor([toy.SIZES.index(s.size) for s in samples]),
         "background": torch.tensor([toy.BACKGROUNDS.index(s.background) for s in samples]),
     }
+    coverage = shape_coverage([s.mask for s in samples], cfg.image_size, cfg.model.tile_size, cfg.model.patch_size)
     # The image-token count comes from the processor itself (all world images share one size).
     probe_prompt = toy.chat_prompt(processor, toy.CAPTION_QUESTION)
     probe = processor(text=[probe_prompt], images=[samples[0].image], return_tensors="pt")
@@ -301,9 +360,9 @@ def main(cfg: Config) -> dict[str, Any]:
     def example(i: int, progress: float) -> tuple[str, str, float]:
         """(question, answer, weight) of a random task for training image i; progress in [0, 1]."""
         s = samples[i]
-        u = rng.random()
+        u = rng.random() if progress >= cfg.yesno_only_until else 1.0
         if u < cfg.p_caption:
-            return toy.CAPTION_QUESTION, s.caption, 1.0
+            return toy.CAPTION_QUESTION, s.caption, cfg.caption_weight
         if u < cfg.p_caption + cfg.p_forced_choice:
             other = toy.CLASSES[(s.label + 1 + int(rng.integers(len(toy.CLASSES) - 1))) % len(toy.CLASSES)]
             src, tgt = (s.cls, other) if rng.random() < 0.5 else (other, s.cls)
@@ -315,15 +374,30 @@ def main(cfg: Config) -> dict[str, Any]:
         name, yes = ask(toy.CLASSES, s.cls, bias)
         return toy.YESNO_TEMPLATE.format(name=name), "yes" if yes else "no", cfg.yesno_weight
 
-    def text_example(i: int, progress: float) -> tuple[list[int], list[int], float]:
-        """A text-only row: plain caption LM, or a yes/no question about a caption given as text
-        (a short context where the comparison is learnt fast and then carries over to images)."""
+    def text_example(i: int, bias: float, p_yesno: float, eos: bool = True) -> tuple[list[int], list[int], float]:
+        """A text-only row about training image i's caption, which stands in for the image.
+
+        A yes/no question (probability ``p_yesno``), else half the time a forced choice, else
+        plain caption language modelling. Up to ``max_filler`` "." tokens between caption and
+        question move the class word around, so the model finds it by content, as it must for
+        image tokens, rather than at a fixed offset. ``eos=False`` drops the EOS target of the
+        questions (the loss is then on the answer word alone).
+        """
         s = samples[i]
-        if rng.random() < cfg.p_text_yesno:
-            name, yes = ask(toy.CLASSES, s.cls, curriculum_bias(progress))
-            question = s.caption + " " + toy.YESNO_TEMPLATE.format(name=name)
-            return prompt_ids(question, image=False), answer_ids("yes" if yes else "no"), 1.0
-        return [tok.bos_token_id], answer_ids(s.caption), 1.0
+        filler = " ." * int(rng.integers(cfg.max_filler + 1))
+        u = rng.random()
+        if u < p_yesno:
+            name, yes = ask(toy.CLASSES, s.cls, bias)
+            prompt = prompt_ids(s.caption + filler + " " + toy.YESNO_TEMPLATE.format(name=name), image=False)
+            answer = answer_ids("yes" if yes else "no")
+        elif u < p_yesno + (1 - p_yesno) / 2:
+            other = toy.CLASSES[(s.label + 1 + int(rng.integers(len(toy.CLASSES) - 1))) % len(toy.CLASSES)]
+            src, tgt = (s.cls, other) if rng.random() < 0.5 else (other, s.cls)
+            prompt = prompt_ids(s.caption + filler + " " + toy.FORCED_CHOICE_TEMPLATE.format(src=src, tgt=tgt), image=False)
+            answer = answer_ids(s.cls)
+        else:
+            return [tok.bos_token_id], answer_ids(s.caption), 1.0
+        return prompt, answer if eos else answer[:-1], 1.0
 
     def collate(rows: list[tuple[list[int], list[int], float]]) -> tuple[Any, Any, Any, Any]:
         """Right-padded ids, mask, labels (-100 outside answers) and per-row weights."""
@@ -350,8 +424,15 @@ def main(cfg: Config) -> dict[str, Any]:
     # ---- stage 1 ----
     t1 = time.time()
     pretrain_acc: dict[str, float] = {}
+    dense_head = nn.Linear(cfg.model.text_hidden, len(toy.CLASSES) + 1)  # replaced by stage 1's
     if cfg.init_from is None:
-        pretrain_acc = pretrain_vision(cfg, model, pixels_NPCHW, attrs, grid, gen)
+        word_ids = {
+            key: tok.convert_tokens_to_ids(list(words))
+            for key, words in (
+                ("cls", toy.CLASSES), ("colour", toy.COLOURS), ("size", toy.SIZES), ("background", toy.BACKGROUNDS)
+            )
+        }
+        pretrain_acc, dense_head = pretrain_vision(cfg, model, pixels_NPCHW, attrs, word_ids, coverage, grid, gen)
         print(
             f"stage 1 done in {time.time() - t1:.0f} s: train-batch class accuracy "
             f"max-pooled {pretrain_acc['max']:.3f}, mean of projected tokens {pretrain_acc['mean']:.3f}"
@@ -392,6 +473,35 @@ def main(cfg: Config) -> dict[str, Any]:
             )
         return {k: float(np.mean(v)) for k, v in hits.items()}
 
+    # ---- stage 1b: the comparison, learnt in text ----
+    # "Is there a <class> in this image?" needs the product of two signals (the question word and
+    # what is shown); a small LM finds that slowly among 100 image tokens, fast in a short text
+    # context. A caption stands in for the image here; stage 2 then only has to feed the
+    # comparison it learnt from the image, which is a first-order problem.
+    t1b = time.time()
+    if cfg.text_steps:
+        opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01
+        )
+        model.train()
+        bar = tqdm(range(cfg.text_steps), desc="stage 1b: text yes/no", file=sys.stdout, mininterval=10)
+        text_hits: list[bool] = []
+        yes_no_ids = set(tok.convert_tokens_to_ids(["yes", "no"]))
+        for step in bar:
+            bias = cfg.yesno_bias * max(0.0, 1 - 2 * step / cfg.text_steps)  # balanced for the second half
+            idx = torch.randint(len(samples), (cfg.batch_size,), generator=gen).tolist()
+            rows = [text_example(i, bias, cfg.p_text_yesno, eos=False) for i in idx]
+            ids, mask, labels, weight = collate(rows)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = row_loss(logits, labels, weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            yes_no = [r for r, row in enumerate(rows) if len(row[1]) == 1 and row[1][0] in yes_no_ids]
+            first = [len(rows[r][0]) for r in yes_no]
+            text_hits += (logits[yes_no, [f - 1 for f in first]].argmax(-1) == labels[yes_no, first]).tolist()
+        print(f"stage 1b done in {time.time() - t1b:.0f} s: text yes/no accuracy {np.mean(text_hits[-200:]):.3f}")
+
     # ---- stage 2 ----
     t2 = time.time()
     tower = model.model.vision_tower
@@ -401,7 +511,11 @@ def main(cfg: Config) -> dict[str, Any]:
         {"params": [p for p in model.parameters() if id(p) not in tower_ids], "lr": cfg.lr},
         {"params": [p for p in tower.parameters() if p.requires_grad], "lr": cfg.lr * cfg.tower_lr_scale},
     ]
+    if cfg.dense_weight_vlm:
+        groups.append({"params": list(dense_head.parameters()), "lr": cfg.lr})
     params = [p for g in groups for p in g["params"]]
+    projected: list[Any] = []
+    capture = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: projected.append(out))
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup_frac))
     model.train()
@@ -417,11 +531,18 @@ def main(cfg: Config) -> dict[str, Any]:
         ids, mask, labels, weight = collate(rows)
         flip = torch.rand(len(idx), generator=gen) < 0.5
         pixels = hflip_tiles(pixels_NPCHW[idx], flip, grid)
+        projected.clear()
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes_N2[idx]).logits
         loss = row_loss(logits, labels, weight)
+        if cfg.dense_weight_vlm:
+            on_shape = hflip_tiles(coverage[idx], flip, grid).reshape(len(idx), -1) > 0.3
+            patch_label = torch.where(on_shape, attrs["cls"][idx][:, None], len(toy.CLASSES)).reshape(-1)
+            patch_logits = dense_head(projected[0].reshape(-1, cfg.model.text_hidden))
+            loss = loss + cfg.dense_weight_vlm * nn.functional.cross_entropy(patch_logits, patch_label)
         if cfg.text_batch_size:
             text_idx = torch.randint(len(samples), (cfg.text_batch_size,), generator=gen).tolist()
-            text_rows = [text_example(i, step / max(1, cfg.steps)) for i in text_idx]
+            progress = step / max(1, cfg.steps)
+            text_rows = [text_example(i, curriculum_bias(progress), cfg.p_text_yesno) for i in text_idx]
             t_ids, t_mask, t_labels, t_weight = collate(text_rows)
             t_logits = model(input_ids=t_ids, attention_mask=t_mask).logits
             loss = loss + cfg.text_weight * row_loss(t_logits, t_labels, t_weight)
@@ -439,6 +560,7 @@ def main(cfg: Config) -> dict[str, Any]:
             model.train()
             tower.train(cfg.train_tower)
             bar.write(f"step {step + 1}: loss {np.mean(losses[-cfg.log_every:]):.3f}  held-out first-word accuracy " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    capture.remove()
     model.eval()
     model.requires_grad_(True)
     print(f"stage 2 done in {time.time() - t2:.0f} s: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}")
