@@ -202,8 +202,15 @@ class SparseAutoencoder(nn.Module):
         """
         xs = x.to(self.W_enc.dtype) * self.cfg.act_scale
         pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
-        latents = self.activate(pre)
-        x_hat = latents @ self.W_dec + self.b_dec
+        if self.cfg.activation == "relu":
+            latents = F.relu(pre)
+            x_hat = latents @ self.W_dec + self.b_dec
+        else:
+            vals, idx, offsets = self._active(pre)
+            x_hat = F.embedding_bag(idx, self.W_dec, offsets, mode="sum", per_sample_weights=vals) + self.b_dec
+            rows = torch.repeat_interleave(torch.arange(len(offsets), device=pre.device),
+                                           torch.diff(offsets, append=offsets.new_tensor([len(idx)])))
+            latents = torch.zeros_like(pre).index_put_((rows, idx), vals)
         err = xs - x_hat
         mse = err.pow(2).sum(-1).mean()
         zero = mse.new_zeros(())
@@ -216,6 +223,22 @@ class SparseAutoencoder(nn.Module):
         loss = mse + sparsity + aux
         return {"loss": loss, "mse": mse, "sparsity": sparsity, "aux": aux, "latents": latents, "x_hat": x_hat}
 
+    def _active(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Active latents of a training batch as ``embedding_bag`` input: values, latent ids and the
+        offset of every token's bag (k per token for topk; a variable number for batchtopk)."""
+        n = pre.shape[0]
+        if self.cfg.activation == "topk":
+            vals, idx = self.topk(pre)
+            offsets = torch.arange(0, n * self.cfg.k, self.cfg.k, device=pre.device)
+            return vals.flatten(), idx.flatten(), offsets
+        flat = F.relu(pre).flatten()
+        vals, flat_idx = flat.topk(min(self.cfg.k * n, flat.numel()), sorted=False)
+        flat_idx, order = flat_idx.sort()  # token-major, as embedding_bag's bags
+        vals = vals[order]
+        rows, idx = flat_idx // pre.shape[1], flat_idx % pre.shape[1]
+        offsets = torch.searchsorted(rows, torch.arange(n, device=pre.device))
+        return vals, idx, offsets
+
     def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor, dead_mask: torch.Tensor) -> torch.Tensor:
         """AuxK: the top ``aux_k`` dead latents reconstruct the residual error, normalised by its variance."""
         k_aux = min(self.cfg.aux_k, int(dead_mask.sum()))
@@ -226,6 +249,15 @@ class SparseAutoencoder(nn.Module):
         num = (err.detach() - err_hat).pow(2).sum(-1).mean()
         den = (err.detach() - err.detach().mean(0)).pow(2).sum(-1).mean()
         return num / den.clamp(min=1e-8)
+
+    def optimizer_step(self, opt: torch.optim.Optimizer) -> None:
+        """After ``loss.backward()``: the optimiser step, keeping TopK/BatchTopK decoder rows on the
+        unit sphere (the gradient along each row removed before, the rows renormalised after)."""
+        if self.cfg.activation != "relu":
+            self.remove_parallel_grad()
+        opt.step()
+        if self.cfg.activation != "relu":
+            self.normalize_decoder()
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

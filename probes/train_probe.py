@@ -6,6 +6,10 @@ stopping on a validation part of the training split; the seeded 80/20 train/test
 same for every layer. With ``--pairs`` also a binary probe per ``src@tgt`` pair and layer, whose
 weight direction the steering scripts can use (``--method probe``).
 
+With ``--features sae --sae <dir>`` it also probes the SAE's latents at its layer: a probe on all
+latents and sparse probes on the m latents an L1 probe weights most (accuracy vs L0,
+``sae_probe_accuracy.png``).
+
 Writes into ``--out``: ``metrics.json`` (per layer: top-1, top-5, n_train, n_test, chance),
 ``probe_layer{L}.safetensors`` (+ ``probe_layer{L}.json``), ``pair_probes_layer{L}.safetensors``
 with ``--pairs``, and ``accuracy_by_layer.png`` (top-1 and top-5 against layer, chance line).
@@ -18,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclasses.dataclass
@@ -51,6 +55,16 @@ class Config:
     """Device to train on ('cuda' for the 7B's 4096-wide features over 50k images)."""
     overwrite: bool = False
     """Replace an existing --out that already holds metrics.json."""
+    features: Literal["residual", "sae"] = "residual"
+    """'residual': probe the pooled residual at every cached layer. 'sae': probe the latents of --sae
+    (encoding the pooled residual at the SAE's layer): a dense probe on all latents, then sparse
+    probes that keep the --sae-l0 latents with the largest L1-probe weights and are refit on them."""
+    sae: Path | None = None
+    """SAE folder (or trainer run folder) for --features sae."""
+    sae_l0: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    """--features sae: numbers of latents the sparse probes may use."""
+    l1: float = 1e-3
+    """--features sae: L1 coefficient of the probe that ranks latents."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -59,6 +73,8 @@ class Config:
             raise UserError("--test-frac must be in (0, 1) and --val-frac in [0, 1)")
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("--epochs and --batch-size must be positive")
+        if self.features == "sae" and self.sae is None:
+            raise UserError("--features sae needs --sae <SAE folder>")
 
 
 def split_indices(labels: Any, test_frac: float, seed: int) -> tuple[Any, Any]:
@@ -76,7 +92,7 @@ def split_indices(labels: Any, test_frac: float, seed: int) -> tuple[Any, Any]:
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def fit_linear(x_train: Any, y_train: Any, n_classes: int, cfg: Config, seed: int) -> dict[str, Any]:
+def fit_linear(x_train: Any, y_train: Any, n_classes: int, cfg: Config, seed: int, l1: float = 0.0) -> dict[str, Any]:
     """Standardise, then fit ``softmax(W x + b)`` with Adam + CE, early-stopped on a validation split.
 
     Returns ``weight`` [C, D] and ``bias`` [C] in the *standardised* space plus ``mean``/``std``
@@ -103,6 +119,8 @@ def fit_linear(x_train: Any, y_train: Any, n_classes: int, cfg: Config, seed: in
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
             loss = torch.nn.functional.cross_entropy(probe(x[batch]), y[batch])
+            if l1:
+                loss = loss + l1 * probe.weight.abs().sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -148,6 +166,71 @@ def plot_accuracy(metrics: dict[str, Any], path: Path) -> None:
            title=f"Linear probe for image class ({metrics['n_classes']} classes, {metrics['pool']} pooling)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+def sae_probes(cfg: Config, meta: dict[str, Any], acts: Any, y_all: Any, train_idx: Any, test_idx: Any,
+               n_classes: int) -> dict[str, Any]:
+    """Probes on SAE latents of the pooled residual: all latents, then the top-m latents of an L1 probe."""
+    import torch
+
+    from lineofsight.cli import UserError
+    from lineofsight.sae import load_sae
+
+    sae = load_sae(cfg.sae, "cpu")
+    layer = sae.cfg.layer
+    if layer not in meta["layers"]:
+        raise UserError(f"--sae reads layer {layer}; the activation cache holds layers {meta['layers']}")
+    x = acts[:, meta["layers"].index(layer)]
+    if x.shape[1] != sae.cfg.d_in:
+        raise UserError(f"SAE width d_in {sae.cfg.d_in} does not match the cached activations' {x.shape[1]}")
+    with torch.no_grad():
+        z = sae.encode(x)
+    y_test = y_all[test_idx]
+
+    def accuracy(cols: Any, l1: float = 0.0) -> tuple[float, dict[str, Any]]:
+        probe = fit_linear(z[train_idx][:, cols], y_all[train_idx], n_classes, cfg, cfg.seed + layer, l1)
+        with torch.no_grad():
+            return topk_accuracy(probe_logits(probe, z[test_idx][:, cols]), y_test, 1), probe
+
+    every = torch.arange(z.shape[1])
+    dense_acc, _ = accuracy(every)
+    _, ranking_probe = accuracy(every, cfg.l1)
+    order = ranking_probe["weight"].abs().sum(0).argsort(descending=True)
+    by_l0 = {}
+    for m in cfg.sae_l0:
+        cols = order[: min(m, len(order))]
+        by_l0[str(m)] = {"top1": accuracy(cols)[0], "latents": cols.tolist()}
+        print(f"SAE probe, layer {layer}: {m:>4} latents -> top-1 {by_l0[str(m)]['top1']:.3f}", flush=True)
+    live = int(((z > 0).sum(0) > 0).sum())
+    print(f"SAE probe, layer {layer}: all {z.shape[1]} latents ({live} active on these images) -> top-1 "
+          f"{dense_acc:.3f}", flush=True)
+    return {"layer": layer, "sae": str(cfg.sae), "d_sae": int(z.shape[1]), "live_latents": live,
+            "dense_top1": dense_acc, "l1": cfg.l1, "by_l0": by_l0,
+            "mean_l0_per_image": float((z > 0).sum(1).float().mean())}
+
+
+def plot_sae_probes(result: dict[str, Any], chance: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lineofsight.io import save_figure
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ms = [int(m) for m in result["by_l0"]]
+    ax.plot(ms, [result["by_l0"][str(m)]["top1"] for m in ms], "o-", label="sparse probe (top-m latents)")
+    ax.axhline(result["dense_top1"], color="tab:green", ls="--", label=f"all {result['d_sae']} latents")
+    ax.axhline(chance, color="gray", ls=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("SAE latents used (L0)")
+    ax.set_ylabel("top-1 accuracy (test)")
+    ax.set_title(f"Class probes on SAE latents, layer {result['layer']}")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -220,6 +303,10 @@ def main(cfg: Config) -> dict[str, Any]:
                          {"layer": str(layer), "meaning": "direction raising the tgt logit over the src logit"})
         m = metrics["layers"][str(layer)]
         print(f"layer {layer:>2}: top-1 {m['top1']:.3f}  top-{k5} {m['top5']:.3f}  (chance {chance:.3f})", flush=True)
+
+    if cfg.features == "sae":
+        metrics["sae_probe"] = sae_probes(cfg, meta, acts, y_all, train_idx, test_idx, n_classes)
+        plot_sae_probes(metrics["sae_probe"], chance, cfg.out / "sae_probe_accuracy.png")
 
     best = max(metrics["layers"], key=lambda layer: metrics["layers"][layer]["top1"])
     metrics["best_layer"] = int(best)

@@ -47,6 +47,8 @@ class Config:
     """ShareGPT4V-format JSON list of records (online mode)."""
     image_root: Path | None = None
     """Folder the records' image paths are relative to (default: the JSON file's folder)."""
+    limit: int | None = None
+    """Online mode: use only the first N records (hold out the rest for evaluation)."""
     activations: Path | None = None
     """Train from this token cache (sae/cache_activations.py) instead of harvesting online."""
     layer: int | None = None
@@ -115,7 +117,7 @@ class Config:
 
 
 # Fields that must agree between a run and its --resume (the rest may change, e.g. --log-every).
-RESUME_KEYS = ("model", "data", "activations", "layer", "types", "activation", "expansion", "k", "l1_coefficient",
+RESUME_KEYS = ("model", "data", "limit", "activations", "layer", "types", "activation", "expansion", "k", "l1_coefficient",
                "l1_warmup_frac", "lr", "lr_decay_frac", "batch_size", "total_tokens", "buffer_batches",
                "records_per_forward", "max_caption_tokens", "dead_after_tokens", "aux_k", "seed")
 
@@ -443,7 +445,7 @@ def main(cfg: Config) -> dict[str, Any]:
         from lineofsight.data import read_sharegpt4v
         from lineofsight.harvest import Harvester
 
-        records = read_sharegpt4v(cfg.data)
+        records = read_sharegpt4v(cfg.data, limit=cfg.limit)
         if len(records) < info.world_size:
             raise UserError(f"--data {cfg.data} has {len(records)} usable records for {info.world_size} ranks")
         model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=info.device)
@@ -533,11 +535,7 @@ def main(cfg: Config) -> dict[str, Any]:
                             f"Last good checkpoint: {good or 'none'}")
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        if cfg.activation != "relu":
-            sae.remove_parallel_grad()
-        opt.step()
-        if cfg.activation != "relu":
-            sae.normalize_decoder()
+        sae.optimizer_step(opt)
         latents = out["latents"].detach()
         if cfg.activation == "batchtopk":
             sae.observe_threshold(latents)

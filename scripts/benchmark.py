@@ -29,7 +29,7 @@ class Config:
     model: str = "toy"
     """Model to benchmark: 'toy', an HF id or a local directory."""
     only: tuple[str, ...] = ()
-    """Row groups to run (default: all). Groups: hooks, probes."""
+    """Row groups to run (default: all). Groups: hooks, probes, steering, sae, sae_eval."""
     batch_size: int = 16
     """Images per forward pass."""
     repeats: int = 15
@@ -196,7 +196,360 @@ def probe_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     return [speedup_row, limit_row]
 
 
-GROUPS: dict[str, Callable[[Config, Any, Any], list[Row]]] = {"hooks": hook_rows, "probes": probe_rows}
+def _model_inputs(processor: Any, model: Any, **kwargs: Any) -> Any:
+    """``processor(...)`` on the model's device, pixel values in the model's dtype."""
+    inputs = processor(return_tensors="pt", **kwargs).to(next(model.parameters()).device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+def _toy_images(n: int) -> list[Any]:
+    """``n`` held-out toy world samples (classes interleaved); images and captions."""
+    from lineofsight.toy import CLASSES, heldout_samples
+
+    return heldout_samples(n_per_class=-(-n // len(CLASSES)))[:n]
+
+
+def steering_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
+    """Steering issue: batched steered rollouts vs the seed's loop, hook overhead, KV cache."""
+    import torch
+
+    from lineofsight.models import check_layer, format_prompt, text_config
+    from lineofsight.steering import steer
+
+    rollouts = _load_script("steering/steering_rollouts.py")
+    layer, n_new, n_long, long_batch = check_layer(model, 2), 16, 64, 4
+    n = cfg.batch_size
+    images = [s.image for s in _toy_images(n)]
+    prompt = format_prompt(processor, "What is shown in this image?")
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(text_config(model).hidden_size, generator=gen)
+    delta = 4.0 * v / v.norm()  # k * v; the value does not matter, the token count is forced
+    delta_BD = delta.expand(n, -1)
+    repeats = max(3, cfg.repeats // 3)
+
+    def ours() -> None:
+        _, n_tokens = rollouts.generate_steered(model, processor, images, [prompt] * n, delta_BD, layer, "image",
+                                                n_new)
+        assert sum(n_tokens) == n * n_new, n_tokens
+
+    def seed_style() -> None:
+        # One image at a time: the hook registered again for each sample, then a hand-written
+        # greedy loop over the KV cache (prefill with the image, then one token per forward).
+        for image in images:
+            inputs = _model_inputs(processor, model, text=[prompt], images=[image])
+            with torch.no_grad(), steer(model, layer, delta, inputs["input_ids"], inputs["attention_mask"]):
+                out = model(**inputs, use_cache=True)
+                next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                attn, new = inputs["attention_mask"], [next_ids]
+                for _ in range(n_new - 1):
+                    attn = torch.cat([attn, attn.new_ones(1, 1)], 1)
+                    out = model(input_ids=next_ids, attention_mask=attn, cache=out.cache, use_cache=True)
+                    next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                    new.append(next_ids)
+            tok.batch_decode(torch.cat(new, 1), skip_special_tokens=True)
+
+    batch = _model_inputs(processor, model, text=[prompt] * n, images=images, padding=True)
+    gen_kw = {"do_sample": False, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+
+    def plain() -> None:
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=n_new, min_new_tokens=n_new, **gen_kw)
+
+    def steered() -> None:
+        with torch.no_grad(), steer(model, layer, delta_BD, batch["input_ids"], batch["attention_mask"]):
+            model.generate(**batch, max_new_tokens=n_new, min_new_tokens=n_new, **gen_kw)
+
+    small = _model_inputs(processor, model, text=[prompt] * long_batch, images=images[:long_batch], padding=True)
+
+    def steered_long(use_cache: bool) -> None:
+        with torch.no_grad(), steer(model, layer, delta_BD[:long_batch], small["input_ids"],
+                                    small["attention_mask"]):
+            out = model.generate(**small, max_new_tokens=n_long, min_new_tokens=n_long, use_cache=use_cache,
+                                 **gen_kw)
+        assert out.shape[1] == small["input_ids"].shape[1] + n_long, out.shape
+
+    # generate_steered takes no min_new_tokens: set it on the generation config for this pair
+    # only, so that every rollout has exactly n_new tokens, as in the seed loop.
+    old = model.generation_config.min_new_tokens
+    model.generation_config.min_new_tokens = n_new
+    try:
+        t_seed, t_ours = time_pair(seed_style, ours, repeats)
+    finally:
+        model.generation_config.min_new_tokens = old
+    # Same images, prompt, vector and n x n_new new tokens on both sides: the time ratio is the
+    # inverse of the tokens/s ratio.
+    rows = [Row(f"steered rollouts, {n}x{n_new} tokens (batch {n})", "seed: b1 loop", t_seed, t_ours,
+                "<= 0.125 (8x)", t_seed / t_ours >= 8)]
+    t_plain, t_steer = time_pair(plain, steered, cfg.repeats)
+    rows.append(Row(f"steered generate, {n_new} tokens (batch {n})", "no hook", t_plain, t_steer,
+                    "<= 1.05", t_steer / t_plain <= 1.05))
+    t_unc, t_kv = time_pair(lambda: steered_long(False), lambda: steered_long(True), repeats)
+    rows.append(Row(f"KV cache, steered, {n_long} tokens (batch {long_batch})", "uncached", t_unc, t_kv,
+                    "<= 0.33 (3x)", t_unc / t_kv >= 3))
+    return rows
+
+
+def _dense_sae_step(sae: Any) -> Callable[[Any], None]:
+    """A train step of a plain dense reference SAE with ``sae``'s config and a copy of its
+    weights: the same math as ``SparseAutoencoder.loss`` written out with dense ops (the latents
+    scattered into a dense ``[N, d_sae]`` tensor, decoded by one dense product), its own Adam."""
+    import torch
+
+    c = sae.cfg
+    W_enc, b_enc, W_dec, b_dec = (torch.nn.Parameter(p.detach().clone())
+                                  for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec])
+
+    def step(x: Any) -> None:
+        xs = x * c.act_scale
+        pre = (xs - b_dec) @ W_enc + b_enc
+        if c.activation == "relu":
+            f = torch.relu(pre)
+        elif c.activation == "topk":
+            vals, idx = pre.topk(c.k, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+        else:  # batchtopk: the k * N largest over the whole batch
+            flat = torch.relu(pre).flatten()
+            vals, idx = flat.topk(c.k * pre.shape[0])
+            f = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+        x_hat = f @ W_dec + b_dec
+        loss = ((xs - x_hat) ** 2).sum(-1).mean()
+        if c.activation == "relu":  # April update: lambda * sum_j f_j ||W_dec_j||
+            loss = loss + c.l1_coefficient * (f * torch.linalg.vector_norm(W_dec, dim=1)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.activation != "relu":
+            with torch.no_grad():
+                unit = W_dec / W_dec.norm(dim=1, keepdim=True)
+                W_dec.grad -= (W_dec.grad * unit).sum(1, keepdim=True) * unit
+        opt.step()
+        if c.activation != "relu":
+            with torch.no_grad():
+                W_dec.div_(W_dec.norm(dim=1, keepdim=True))
+
+    return step
+
+
+def _sparsify_step(d_in: int, d_sae: int, k: int, device: Any) -> Callable[[Any], None] | None:
+    """EleutherAI sparsify's TopK train step (fvu loss, their decoder-direction projection and
+    renormalisation, Adam), or None when sparsify is not installed."""
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return None
+    import torch
+
+    coder = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=device)
+    opt = torch.optim.Adam(coder.parameters())
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
+
+    def step(x: Any) -> None:
+        out = coder(x, dead_mask=dead)
+        opt.zero_grad(set_to_none=True)
+        (out.fvu + out.auxk_loss).backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        coder.set_decoder_norm_to_unit_norm()
+
+    return step
+
+
+def _saelens_step(activation: str, d_in: int, d_sae: int, k: int, device: Any) -> Callable[[Any], None] | None:
+    """SAELens' training forward pass + backward + Adam for ``activation``, or None when SAELens
+    is not installed."""
+    try:
+        from sae_lens.saes import (
+            BatchTopKTrainingSAE,
+            BatchTopKTrainingSAEConfig,
+            StandardTrainingSAE,
+            StandardTrainingSAEConfig,
+            TopKTrainingSAE,
+            TopKTrainingSAEConfig,
+        )
+        from sae_lens.saes.sae import TrainStepInput
+    except ImportError:
+        return None
+    import dataclasses as dc
+
+    import torch
+
+    cls, cfg_cls, extra = {
+        "relu": (StandardTrainingSAE, StandardTrainingSAEConfig, {"l1_coefficient": 5.0}),
+        "topk": (TopKTrainingSAE, TopKTrainingSAEConfig, {"k": k}),
+        "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, {"k": k}),
+    }[activation]
+    sae = cls(cfg_cls(d_in=d_in, d_sae=d_sae, device=str(device), **extra))
+    opt = torch.optim.Adam(sae.parameters())
+    coefficients = {name: getattr(c, "value", c) for name, c in sae.get_coefficients().items()}
+    fields = {f.name for f in dc.fields(TrainStepInput)}
+
+    def step(x: Any) -> None:
+        kw = {"sae_in": x, "coefficients": coefficients, "dead_neuron_mask": None, "n_training_steps": 0}
+        out = sae.training_forward_pass(TrainStepInput(**{k: v for k, v in kw.items() if k in fields}))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    return step
+
+
+def sae_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
+    """SAE issue: train-step speed against a dense reference (and sparsify / SAELens when
+    installed), and online harvesting against the truncated forward and the seed's scheme."""
+    import torch
+    from torch import nn
+
+    from lineofsight.harvest import Harvester
+    from lineofsight.hooks import Trace
+    from lineofsight.models import check_layer, image_token_mask, layer_names
+    from lineofsight.sae import SAEConfig, SparseAutoencoder
+
+    rows = []
+    d_in, d_sae, k, n_tok = 1024, 8192, 32, 4096
+    x = torch.randn(n_tok, d_in, generator=torch.Generator().manual_seed(0)).to(cfg.device)
+    repeats = max(3, cfg.repeats // 5)  # one step is seconds on a few CPU cores
+    for activation in ("relu", "topk", "batchtopk"):
+        sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation, k=k)).to(cfg.device)
+        opt = torch.optim.Adam(sae.parameters())
+        dead = None if activation == "relu" else torch.zeros(d_sae, dtype=torch.bool, device=cfg.device)
+
+        def ours(sae: Any = sae, opt: Any = opt, dead: Any = dead) -> None:
+            out = sae.loss(x, dead_mask=dead)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            sae.optimizer_step(opt)
+
+        dense = _dense_sae_step(sae)
+        t_ref, t_ours = time_pair(lambda dense=dense: dense(x), ours, repeats)
+        want = 1.0 if activation == "relu" else 1.2
+        name = f"SAE step {activation}, {n_tok} tok, {d_in}->{d_sae}"
+        rows.append(Row(name, "dense ref", t_ref, t_ours, f"<= {1 / want:.2f} ({want:.1f}x)", t_ref / t_ours >= want))
+        others = [("sparsify", _sparsify_step(d_in, d_sae, k, cfg.device) if activation == "topk" else None),
+                  ("sae_lens", _saelens_step(activation, d_in, d_sae, k, cfg.device))]
+        for label, step in others:
+            if step is not None:
+                t_other, t_ours2 = time_pair(lambda step=step: step(x), ours, repeats)
+                rows.append(Row(name, label, t_other, t_ours2, "<= 0.83 (1.2x)", t_other / t_ours2 >= 1.2))
+        del sae, opt, dense
+
+    layer = check_layer(model, 2)
+    samples = _toy_images(cfg.batch_size)
+    captions, images = [s.caption for s in samples], [s.image for s in samples]
+    ids = list(range(len(samples)))
+    harvester = Harvester(model, processor, [layer])
+    site = harvester.sites[0]
+
+    def harvest() -> None:
+        harvester(captions, images, ids)
+
+    blocks_name = layer_names(model)[0].rpartition(".")[0]
+    parent_name, _, attr = blocks_name.rpartition(".")
+    parent, blocks = model.get_submodule(parent_name), model.get_submodule(blocks_name)
+    truncated = nn.ModuleList(list(blocks)[:layer])
+
+    def limit() -> None:
+        # The two passes' inputs (image + question + caption; caption alone) through the vision
+        # tower and only the blocks below the layer: no hooks, no gathering, no lm_head.
+        setattr(parent, attr, truncated)
+        try:
+            with_image, _, _ = harvester.prepare_with_image(captions, images)
+            alone = harvester._right_padded(text=captions)
+            alone = {k: v[:, : harvester.n_special + harvester.max_caption_tokens] for k, v in alone.items()}
+            with torch.no_grad():
+                model.model(**with_image, use_cache=False)
+                model.model(**alone, use_cache=False)
+        finally:
+            setattr(parent, attr, blocks)
+
+    def seed_style() -> None:
+        # One record at a time: a full forward of the prompt alone only to count the template
+        # tokens, then full forwards of prompt + caption and of the caption alone with a hook.
+        for caption, image in zip(captions, images):
+            with torch.no_grad():
+                prompt_only = _model_inputs(processor, model, text=[harvester.prompt], images=[image])
+                n_template = model(**prompt_only).logits.shape[1]
+                full = _model_inputs(processor, model, text=[harvester.prompt + " " + caption], images=[image])
+                with Trace(model, site, retain_input=True, retain_output=False) as tr:
+                    model(**full)
+                keep = image_token_mask(full["input_ids"], model)[0]
+                keep[n_template:] = True
+                tr.input[0][keep].cpu()
+                alone = processor.tokenizer([caption], return_tensors="pt").to(harvester.device)
+                with Trace(model, site, retain_input=True, retain_output=False) as tr:
+                    model(**alone)
+                tr.input[0, harvester.n_special :].cpu()
+
+    repeats = max(3, cfg.repeats // 3)
+    t_limit, t_harvest = time_pair(limit, harvest, repeats)
+    rows.append(Row(f"online harvest, {len(ids)} records, layer {layer}", "bare, layers<L", t_limit, t_harvest,
+                    "<= 1.11 (0.9x)", t_limit / t_harvest >= 0.9))
+    t_seed, t_harvest2 = time_pair(seed_style, harvest, repeats)
+    rows.append(Row(f"online harvest, {len(ids)} records, layer {layer}", "seed: 2nd pass", t_seed, t_harvest2,
+                    "<= 0.50 (2x)", t_seed / t_harvest2 >= 2))
+    return rows
+
+
+def sae_eval_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
+    """SAE evaluation issue: evaluation throughput against harvesting, and batched HardConcrete
+    fitting against one vector at a time."""
+    import torch
+    from torch.nn import functional as F
+
+    from lineofsight.harvest import Harvester
+    from lineofsight.models import check_layer, text_config
+    from lineofsight.sae import SAEConfig, SparseAutoencoder
+
+    eval_sae = _load_script("sae/evaluation/eval_sae.py")
+    approx = _load_script("sae/approximate_steering_vectors.py")
+    layer = check_layer(model, 2)
+    samples = _toy_images(cfg.batch_size)
+    captions, images = [s.caption for s in samples], [s.image for s in samples]
+    ids = list(range(len(samples)))
+    harvester = Harvester(model, processor, [layer])
+    d_model = text_config(model).hidden_size
+    sae = SparseAutoencoder(SAEConfig(d_in=d_model, d_sae=8 * d_model)).to(cfg.device).eval()
+    batches = [(ids, captions, images)]
+    rows = []
+
+    # The same records, hence the same tokens (image, caption in context, caption alone), on both
+    # sides; evaluation adds the clean and six spliced full forwards for CE loss recovered.
+    t_harvest, t_eval = time_pair(lambda: harvester(captions, images, ids),
+                                  lambda: eval_sae.evaluate(model, sae, harvester, batches, 0.1),
+                                  max(3, cfg.repeats // 3))
+    rows.append(Row(f"SAE eval, {len(ids)} records (7 fwd/batch)", "harvest", t_harvest, t_eval,
+                    "<= 1.25 (0.8x)", t_harvest / t_eval >= 0.8))
+
+    n_vec, d_in, d_sae, steps = 50, 1024, 8192, 5
+    gen = torch.Generator().manual_seed(0)
+    dictionary = F.normalize(torch.randn(d_sae, d_in, generator=gen), dim=-1).to(cfg.device)
+    targets = torch.randn(n_vec, d_in, generator=gen).to(cfg.device)
+    lambdas = torch.full((n_vec,), 1e-3)
+
+    def together() -> None:
+        approx.hard_concrete_fit(targets, dictionary, lambdas, steps, 1e-2, 0)
+
+    def one_at_a_time() -> None:
+        for i in range(n_vec):
+            approx.hard_concrete_fit(targets[i : i + 1], dictionary, lambdas[i : i + 1], steps, 1e-2, 0)
+
+    # n_vec x steps vector-steps on both sides.
+    t_loop, t_batched = time_pair(one_at_a_time, together, max(3, cfg.repeats // 5))
+    rows.append(Row(f"HardConcrete {n_vec} vectors x {steps} steps, {d_in}x{d_sae}", "1 at a time", t_loop,
+                    t_batched, "<= 0.20 (5x)", t_loop / t_batched >= 5))
+    return rows
+
+
+GROUPS: dict[str, Callable[[Config, Any, Any], list[Row]]] = {
+    "hooks": hook_rows,
+    "probes": probe_rows,
+    "steering": steering_rows,
+    "sae": sae_rows,
+    "sae_eval": sae_eval_rows,
+}
 
 
 def main(cfg: Config) -> None:

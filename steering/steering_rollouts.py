@@ -25,19 +25,19 @@ from typing import Any, Literal
 
 from lineofsight.toy import TOY_WORLD_DIR
 
-#: Ten open questions about the image (used when --prompts is not given).
 DEFAULT_PROMPTS = (
     "What is shown in this image?",
-    "Describe this image.",
-    "What is the main object in this picture?",
-    "What do you see?",
-    "Describe the picture in one sentence.",
-    "What is in the image?",
-    "Tell me what this image shows.",
-    "What object is in the center of the image?",
-    "Write a short caption for this image.",
-    "What is this a picture of?",
+    'Is this image related in any way to the concept "{src}"?',
+    'Is this image related in any way to the concept "{tgt}"?',
+    "Describe the primary purpose or function of the entity shown in this image.",
+    "If you were to explain this image to a child, what analogy or simplified description would you use?",
+    "In what environment or setting would you most likely encounter this?",
+    "What are some key distinctive features or characteristics that make this thing unique?",
+    "Describe this image in detail.",
+    "How large is the main subject of this image typically?",
+    'Is this image more related to the concept "{src}" or the concept "{tgt}"?',
 )
+"""The paper's ten rollout questions; ``{src}`` and ``{tgt}`` become the pair's class names."""
 
 
 @dataclasses.dataclass
@@ -63,7 +63,7 @@ class Config:
     normalize: bool = False
     """Make k a multiple of the mean residual norm at --layer (over image tokens): delta = k * mean_norm * v / |v|."""
     prompts: Path | None = None
-    """File with one question per line (default: ten open questions about the image)."""
+    """File with one question per line; {src} and {tgt} become the pair's class names (default: the paper's ten questions)."""
     images_per_pair: int = 5
     """Source-class images per pair."""
     max_new_tokens: int = 100
@@ -126,6 +126,38 @@ def mean_residual_norm(model: Any, processor: Any, images: list[Any], prompt: st
     return float(tr.input[mask].float().norm(dim=-1).mean())
 
 
+def greedy_decode(model: Any, inputs: dict[str, Any], max_new_tokens: int, eos_id: int, pad_id: int) -> Any:
+    """Greedy decoding with the KV cache for a left-padded batch: ``[B, n]`` new tokens (``pad_id``
+    after a row's EOS; n stops early once every row has ended).
+
+    The same computation as ``model.generate(do_sample=False)`` (position ids counted over the
+    unpadded tokens, one cached step per token) without its per-step machinery, which dominates
+    the time of small models; a test checks the tokens are identical to ``generate``'s.
+    """
+    import torch
+
+    attention = inputs["attention_mask"]
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    done = torch.zeros(attention.shape[0], dtype=torch.bool, device=attention.device)
+    last = positions[:, -1:]
+    tokens = []
+    for _ in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        done |= nxt == eos_id
+        if bool(done.all()) or len(tokens) == max_new_tokens:
+            break
+        attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], 1)
+        last = last + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attention, position_ids=last, cache=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    return torch.stack(tokens, 1) if tokens else attention.new_zeros(attention.shape[0], 0)
+
+
 def generate_steered(model: Any, processor: Any, images: list[Any], prompts: list[str], delta_BD: Any,
                      layer: int, positions: str, max_new_tokens: int) -> tuple[list[str], list[int]]:
     """Greedy batched generation with ``delta_BD[b]`` added at ``layer``; texts and new-token counts."""
@@ -138,9 +170,7 @@ def generate_steered(model: Any, processor: Any, images: list[Any], prompts: lis
     inputs = inputs.to(next(model.parameters()).device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad(), steer(model, layer, delta_BD, inputs["input_ids"], inputs["attention_mask"], positions):
-        out_BT = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    new_BT = out_BT[:, inputs["input_ids"].shape[1]:]
+        new_BT = greedy_decode(model, inputs, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
     n_tokens = []
     for row in new_BT.tolist():
         n = len(row)
@@ -182,7 +212,16 @@ def main(cfg: Config) -> Path:
     model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=info.device)
     check_layer(model, cfg.layer)
     processor.tokenizer.padding_side = "left"
-    prompts = [format_prompt(processor, q) for q in questions]
+    for q in questions:
+        try:
+            q.format(src="", tgt="")
+        except (KeyError, IndexError, ValueError):
+            raise UserError(f"prompt {q!r}: the only placeholders allowed are {{src}} and {{tgt}}") from None
+
+    def prompt_text(prompt_id: int, src: str, tgt: str) -> tuple[str, str]:
+        """(question, full model prompt) with the pair's class names filled in."""
+        q = questions[prompt_id].format(src=src.replace("_", " "), tgt=tgt.replace("_", " "))
+        return q, format_prompt(processor, q)
 
     # Work units, in a fixed order: pair, image, prompt, k.
     skips = SkipCounter()
@@ -195,24 +234,24 @@ def main(cfg: Config) -> Path:
                 images[item.path] = load_image(cfg.imagenet_dir / item.path, skips, cfg.resize)
             if images[item.path] is None:
                 continue
-            for prompt_id in range(len(prompts)):
+            for prompt_id in range(len(questions)):
                 for k in strengths:
                     units.append({"src": src, "tgt": tgt, "layer": cfg.layer, "k": round(float(k), 6),
-                                  "prompt_id": prompt_id, "prompt": questions[prompt_id], "image": item.path,
-                                  "positions": cfg.positions})
+                                  "prompt_id": prompt_id, "prompt": prompt_text(prompt_id, src, tgt)[0],
+                                  "image": item.path, "positions": cfg.positions})
     if not units:
         raise UserError(f"no readable source images in {cfg.imagenet_dir / cfg.split} ({skips.summary()})")
 
     scale = 1.0
     if cfg.normalize:
         sample = [im for im in images.values() if im is not None][: cfg.batch_size]
-        scale = mean_residual_norm(model, processor, sample, prompts[0], cfg.layer)
+        scale = mean_residual_norm(model, processor, sample, format_prompt(processor, questions[0]), cfg.layer)
         dist.print0(f"--normalize: mean residual norm at layer {cfg.layer} is {scale:.3f}")
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     done = read_done(cfg.out)
     mine = [u for i, u in enumerate(units) if i % info.world_size == info.rank and unit_key(u) not in done]
-    dist.print0(f"{len(units)} rollouts ({len(pairs)} pairs x {len(strengths)} k x {len(prompts)} prompts x "
+    dist.print0(f"{len(units)} rollouts ({len(pairs)} pairs x {len(strengths)} k x {len(questions)} prompts x "
                 f"<= {cfg.images_per_pair} images); {len(done)} already written")
     part = cfg.out / f"rollouts.rank{info.rank}.jsonl"
     n_tokens_total = 0
@@ -226,7 +265,7 @@ def main(cfg: Config) -> Path:
                 v = vectors[f"{u['src']}@{u['tgt']}"].float()
                 deltas.append(u["k"] * (scale * v / v.norm() if cfg.normalize else v))
             texts, n_tokens = generate_steered(
-                model, processor, [images[u["image"]] for u in batch], [prompts[u["prompt_id"]] for u in batch],
+                model, processor, [images[u["image"]] for u in batch], [format_prompt(processor, u["prompt"]) for u in batch],
                 torch.stack(deltas), cfg.layer, cfg.positions, cfg.max_new_tokens,
             )
             for u, text, n in zip(batch, texts, n_tokens):

@@ -155,6 +155,12 @@ def test_rollouts_under_torchrun_match_single_process(tiny_setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ddp" / "rollouts.jsonl").read_text() == single.read_text()
     assert not list((tmp_path / "ddp").glob("rollouts.rank*"))
+    # The default questions are the paper's ten, with the pair's class names filled in.
+    records = [json.loads(line) for line in single.read_text().splitlines()]
+    assert sorted({r["prompt_id"] for r in records}) == list(range(10))
+    r = next(r for r in records if r["prompt_id"] == 9)
+    assert r["prompt"] == f'Is this image more related to the concept "{r["src"]}" or the concept "{r["tgt"]}"?'
+    assert next(r for r in records if r["prompt_id"] == 0)["prompt"] == "What is shown in this image?"
 
 
 def test_eval_steering_metrics(tiny_setup, tmp_path):
@@ -196,3 +202,24 @@ def test_steering_flips_the_toy_models_answer(tmp_path_factory):
     by_k = result["metrics"]["2"]
     assert by_k["0.0"]["flip_rate"] <= 0.25 and by_k["0.0"]["p_src"] > by_k["0.0"]["p_tgt"], by_k
     assert by_k["8.0"]["flip_rate"] >= 0.9 and by_k["8.0"]["p_tgt"] > 5 * by_k["8.0"]["p_src"], by_k
+
+
+@pytest.mark.parametrize("positions", ["image", "all"])
+def test_greedy_decode_equals_generate(tiny_models, positions):
+    """The rollouts' lean KV-cached loop gives generate's tokens: left padding, mixed sizes, EOS."""
+    model, processor = tiny_models("next-mistral")
+    inputs = _batch(processor)
+    tok = processor.tokenizer
+    delta = torch.randn(2, 64) * 5
+    with torch.no_grad(), steer(model, 1, delta, inputs["input_ids"], inputs["attention_mask"], positions):
+        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=None)[:, inputs["input_ids"].shape[1]:]
+        ours = rollouts_script.greedy_decode(model, inputs, 8, eos_id=-1, pad_id=tok.pad_token_id)
+    assert torch.equal(ours, ref)
+    # With the second token of row 0 as "EOS", row 0 ends there and is padded afterwards.
+    eos = int(ref[0, 1])
+    with torch.no_grad(), steer(model, 1, delta, inputs["input_ids"], inputs["attention_mask"], positions):
+        cut = rollouts_script.greedy_decode(model, inputs, 8, eos_id=eos, pad_id=tok.pad_token_id)
+    first = int((ref[0] == eos).nonzero()[0])
+    assert cut[0, : first + 1].tolist() == ref[0, : first + 1].tolist()
+    assert (cut[0, first + 1 :] == tok.pad_token_id).all()
