@@ -7,7 +7,7 @@ same for every layer. With ``--pairs`` also a binary probe per ``src@tgt`` pair 
 weight direction the steering scripts can use (``--method probe``).
 
 With ``--features sae --sae <dir>`` it also probes the SAE's latents at its layer: a probe on all
-latents and sparse probes on the m latents an L1 probe weights most (accuracy vs L0,
+latents and sparse probes on the m latents that separate the classes best (accuracy vs L0,
 ``sae_probe_accuracy.png``).
 
 Writes into ``--out``: ``metrics.json`` (per layer: top-1, top-5, n_train, n_test, chance),
@@ -58,13 +58,11 @@ class Config:
     features: Literal["residual", "sae"] = "residual"
     """'residual': probe the pooled residual at every cached layer. 'sae': probe the latents of --sae
     (encoding the pooled residual at the SAE's layer): a dense probe on all latents, then sparse
-    probes that keep the --sae-l0 latents with the largest L1-probe weights and are refit on them."""
+    probes on the --sae-l0 latents that separate the classes best (ANOVA F on the training split)."""
     sae: Path | None = None
     """SAE folder (or trainer run folder) for --features sae."""
     sae_l0: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     """--features sae: numbers of latents the sparse probes may use."""
-    l1: float = 1e-3
-    """--features sae: L1 coefficient of the probe that ranks latents."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -92,7 +90,7 @@ def split_indices(labels: Any, test_frac: float, seed: int) -> tuple[Any, Any]:
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def fit_linear(x_train: Any, y_train: Any, n_classes: int, cfg: Config, seed: int, l1: float = 0.0) -> dict[str, Any]:
+def fit_linear(x_train: Any, y_train: Any, n_classes: int, cfg: Config, seed: int) -> dict[str, Any]:
     """Standardise, then fit ``softmax(W x + b)`` with Adam + CE, early-stopped on a validation split.
 
     Returns ``weight`` [C, D] and ``bias`` [C] in the *standardised* space plus ``mean``/``std``
@@ -119,8 +117,6 @@ def fit_linear(x_train: Any, y_train: Any, n_classes: int, cfg: Config, seed: in
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
             loss = torch.nn.functional.cross_entropy(probe(x[batch]), y[batch])
-            if l1:
-                loss = loss + l1 * probe.weight.abs().sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -169,9 +165,31 @@ def plot_accuracy(metrics: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
+def f_statistic(x: Any, y: Any, n_classes: int) -> Any:
+    """One-way ANOVA F per feature: between-class over within-class variance (0 for a constant feature)."""
+    import torch
+
+    x = x.double()
+    grand = x.mean(0)
+    between = torch.zeros_like(grand)
+    within = torch.zeros_like(grand)
+    present = 0
+    for c in range(n_classes):
+        xc = x[y == c]
+        if len(xc) == 0:
+            continue
+        present += 1
+        between += len(xc) * (xc.mean(0) - grand) ** 2
+        within += ((xc - xc.mean(0)) ** 2).sum(0)
+    between /= max(present - 1, 1)
+    within /= max(len(x) - present, 1)
+    return torch.where(within > 0, between / within.clamp(min=1e-12), torch.zeros_like(between)).float()
+
+
 def sae_probes(cfg: Config, meta: dict[str, Any], acts: Any, y_all: Any, train_idx: Any, test_idx: Any,
                n_classes: int) -> dict[str, Any]:
-    """Probes on SAE latents of the pooled residual: all latents, then the top-m latents of an L1 probe."""
+    """Probes on SAE latents of the pooled residual: all latents, then the m latents that separate the
+    classes best (ANOVA F on the training split)."""
     import torch
 
     from lineofsight.cli import UserError
@@ -188,15 +206,14 @@ def sae_probes(cfg: Config, meta: dict[str, Any], acts: Any, y_all: Any, train_i
         z = sae.encode(x)
     y_test = y_all[test_idx]
 
-    def accuracy(cols: Any, l1: float = 0.0) -> tuple[float, dict[str, Any]]:
-        probe = fit_linear(z[train_idx][:, cols], y_all[train_idx], n_classes, cfg, cfg.seed + layer, l1)
+    def accuracy(cols: Any) -> tuple[float, dict[str, Any]]:
+        probe = fit_linear(z[train_idx][:, cols], y_all[train_idx], n_classes, cfg, cfg.seed + layer)
         with torch.no_grad():
             return topk_accuracy(probe_logits(probe, z[test_idx][:, cols]), y_test, 1), probe
 
     every = torch.arange(z.shape[1])
     dense_acc, _ = accuracy(every)
-    _, ranking_probe = accuracy(every, cfg.l1)
-    order = ranking_probe["weight"].abs().sum(0).argsort(descending=True)
+    order = f_statistic(z[train_idx], y_all[train_idx], n_classes).argsort(descending=True)
     by_l0 = {}
     for m in cfg.sae_l0:
         cols = order[: min(m, len(order))]
@@ -206,7 +223,7 @@ def sae_probes(cfg: Config, meta: dict[str, Any], acts: Any, y_all: Any, train_i
     print(f"SAE probe, layer {layer}: all {z.shape[1]} latents ({live} active on these images) -> top-1 "
           f"{dense_acc:.3f}", flush=True)
     return {"layer": layer, "sae": str(cfg.sae), "d_sae": int(z.shape[1]), "live_latents": live,
-            "dense_top1": dense_acc, "l1": cfg.l1, "by_l0": by_l0,
+            "dense_top1": dense_acc, "ranking": "anova_f", "by_l0": by_l0,
             "mean_l0_per_image": float((z > 0).sum(1).float().mean())}
 
 
@@ -220,7 +237,7 @@ def plot_sae_probes(result: dict[str, Any], chance: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ms = [int(m) for m in result["by_l0"]]
-    ax.plot(ms, [result["by_l0"][str(m)]["top1"] for m in ms], "o-", label="sparse probe (top-m latents)")
+    ax.plot(ms, [result["by_l0"][str(m)]["top1"] for m in ms], "o-", label="sparse probe (m best latents by F)")
     ax.axhline(result["dense_top1"], color="tab:green", ls="--", label=f"all {result['d_sae']} latents")
     ax.axhline(chance, color="gray", ls=":", label="chance")
     ax.set_xscale("log", base=2)

@@ -17,6 +17,8 @@ class Config:
 
     results_dir: Path = Path("results")
     """Folder holding the demo's JSON metrics and plots; REPORT.md is written here."""
+    rollouts: Path | None = Path("runs/demo/rollouts/rollouts.jsonl")
+    """Rollout records to quote a few steered generations from (skipped when missing)."""
 
 
 def toy_section(result: dict) -> list[str]:
@@ -94,6 +96,105 @@ def steering_section(result: dict) -> list[str]:
     return lines
 
 
+def rollout_examples(path: Path, n: int = 4) -> list[str]:
+    """A few steered rollouts next to the unsteered one (k = 0) of the same image and prompt."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_unit: dict[tuple, dict[float, dict]] = {}
+    for r in records:
+        pair = f"{r['src']}@{r['tgt']}"
+        by_unit.setdefault((pair, r["layer"], r["prompt_id"], r["image"]), {})[float(r["k"])] = r
+    lines = ["Steered rollouts (greedy): unsteered, and at the smallest k whose answer names `tgt` (else the "
+             "largest k):", "", "| pair | layer | prompt | k = 0 | k | steered |", "|---|---|---|---|---|---|"]
+    shown = 0
+    for (pair, layer, _, _), by_k in sorted(by_unit.items(), key=lambda kv: (kv[0][2], kv[0])):
+        if 0.0 not in by_k or len(by_k) < 2 or shown >= n:
+            continue
+        tgt = pair.split("@")[1]
+        naming = [k for k in sorted(by_k) if k > 0 and tgt in by_k[k]["text"].split()]
+        k = naming[0] if naming else max(by_k)
+        prompt = by_k[k].get("prompt", "")
+        lines.append(f"| {pair} | {layer} | {prompt} | {by_k[0.0]['text'].strip()} | {k:g} | {by_k[k]['text'].strip()} |")
+        shown += 1
+    return lines + [""] if shown else []
+
+
+def sae_section(results: Path) -> list[str]:
+    evals = sorted(results.glob("sae/eval-L*/eval.json"), key=lambda p: int(p.parent.name.removeprefix("eval-L")))
+    if not evals:
+        return []
+    lines = [
+        "## Sparse autoencoders on the toy model's residual stream",
+        "",
+        "One SAE per layer (ReLU, April-update objective, 8x expansion) trained on image tokens, caption tokens "
+        "in context and caption tokens alone of the shape world's ShareGPT4V-format captions; evaluated on held-out "
+        "records. FVU: fraction of variance unexplained. CE recovered: `1 - (CE_sae - CE_clean) / (CE_zero - "
+        "CE_clean)` on the caption tokens, with the reconstruction spliced at image / caption / all positions.",
+        "",
+        "| layer | L0 all | L0 image | L0 text (ctx) | L0 text (alone) | FVU all | FVU image | FVU text (ctx) | "
+        "dead | CE rec. image | CE rec. text | CE rec. all |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in evals:
+        m = json.loads(path.read_text())
+        lines.append(
+            f"| {m['layer']} | {m['l0']['all']:.1f} | {m['l0']['image']:.1f} | {m['l0']['text_in_context']:.1f} | "
+            f"{m['l0']['text_only']:.1f} | {m['fvu']['all']:.3f} | {m['fvu']['image']:.3f} | "
+            f"{m['fvu']['text_in_context']:.3f} | {m['dead_frac']['all']:.3f} | {m['ce_recovered']['image']:.3f} | "
+            f"{m['ce_recovered']['text']:.3f} | {m['ce_recovered']['all']:.3f} |")
+    lines.append("")
+    modality = results / "sae" / "modality" / "modality.json"
+    if modality.is_file():
+        m = json.loads(modality.read_text())
+        th = m["thresholds"]
+        lines += [
+            "### Image and text features by layer",
+            "",
+            f"A live latent's modality score is the share of its activation mass on image tokens; image-only: score "
+            f">= {th['image_only']}, text-only: <= {th['text_only']}, shared in between ({m['n_records']} held-out "
+            "records).",
+            "",
+            "| layer | live latents | image-only | shared | text-only |",
+            "|---|---|---|---|---|",
+        ]
+        for layer, v in m["layers"].items():
+            s = v["mass"]
+            lines.append(f"| {layer} | {s['n_live']} | {s['image_only']:.3f} | {s['shared']:.3f} | {s['text_only']:.3f} |")
+        lines += ["", "![modality by layer](sae/modality/modality_by_layer.png)", "",
+                  "![modality histograms](sae/modality/modality_hist.png)", ""]
+        for key, ex in m.get("examples", {}).items():
+            lines.append(f"![{key}](sae/modality/{ex['plot']})")
+        lines.append("")
+    approx = results / "sae" / "approx" / "approximation.json"
+    if approx.is_file():
+        a = json.loads(approx.read_text())
+        lines += [
+            "### Steering vectors are sparse in the SAE basis",
+            "",
+            f"Each steering vector of layer {a['layer']} approximated by HardConcrete-gated SAE decoder rows, a sweep "
+            "over the L0 penalty; the same for random unit vectors.",
+            "",
+            "| lambda | steering: mean L0 | cosine | random: mean L0 | cosine |",
+            "|---|---|---|---|---|",
+        ]
+        for lam in a["lambdas"]:
+            s, r = a["steering"]["by_lambda"][str(lam)], a["random"]["by_lambda"][str(lam)]
+            lines.append(f"| {lam:g} | {s['l0']:.1f} | {s['cosine']:.3f} | {r['l0']:.1f} | {r['cosine']:.3f} |")
+        lines += ["", "![approximation](sae/approx/approximation.png)", ""]
+    probe = results / "probes-sae" / "metrics.json"
+    if probe.is_file():
+        p = json.loads(probe.read_text()).get("sae_probe")
+        if p:
+            lines += ["### Class probes on SAE latents", "",
+                      f"Layer {p['layer']}: the SAE encodes the mean image-token residual; all {p['d_sae']} latents give "
+                      f"top-1 {p['dense_top1']:.3f} (the residual itself: see the probe table); the m latents that "
+                      "separate the classes best (ANOVA F on the training images):", "", "| latents | top-1 |", "|---|---|"]
+            lines += [f"| {m} | {v['top1']:.3f} |" for m, v in p["by_l0"].items()]
+            lines += ["", "![SAE probes](probes-sae/sae_probe_accuracy.png)", ""]
+    return lines
+
+
 SECTIONS = [("toy_eval.json", toy_section), ("probes/metrics.json", probe_section),
             ("steering/metrics.json", steering_section)]
 
@@ -115,6 +216,9 @@ def main(cfg: Config) -> None:
             data = json.loads(path.read_text())
             sha = sha or data.get("provenance", {}).get("git_sha")
             lines += render(data)
+            if filename.startswith("steering/") and cfg.rollouts is not None:
+                lines += rollout_examples(cfg.rollouts)
+    lines += sae_section(cfg.results_dir)
     if sha:
         lines.append(f"_Code version: `{sha[:12]}`._")
     out = atomic_write_text(cfg.results_dir / "REPORT.md", "\n".join(lines) + "\n")

@@ -185,23 +185,30 @@ def test_rollouts_bad_layer(tiny_setup, tmp_path):
 
 
 def test_steering_flips_the_toy_models_answer(tmp_path_factory):
-    """The paper's causal result on the embedded toy: adding v(src@tgt) at the image tokens of a middle
-    layer makes the forced choice name tgt instead of src."""
+    """The paper's causal result on the embedded toy: adding v(src@tgt) at the image tokens of one
+    layer makes the forced choice name tgt instead of src. The layer and k are searched in a small
+    grid, not given: some (layer, k) must flip >= 80 % of held-out src images, k = 0 at most 5 %."""
     from lineofsight.toy import generate_world
 
     world = generate_world(tmp_path_factory.mktemp("flip_world") / "w", seed=2, n_train_per_class=12,
-                           n_val_per_class=4, n_captions=4)
+                           n_val_per_class=5, n_captions=4)
     tmp = tmp_path_factory.mktemp("flip")
+    layers = (1, 2, 3)
     cache = extract.main(extract.Config(model="toy", imagenet_dir=world / "imagenet", images_per_class=12,
-                                        layers=(2,), out=tmp / "acts"))
-    (tmp / "pairs.txt").write_text("circle@star\nsquare@triangle\n")
+                                        layers=layers, out=tmp / "acts"))
+    (tmp / "pairs.txt").write_text("circle@star\nsquare@triangle\nheart@ring\n")
     vectors_script.main(vectors_script.Config(activations=cache, pairs=tmp / "pairs.txt", out=tmp / "vec"))
     result = eval_script.main(eval_script.Config(
-        vectors=tmp / "vec", layer=(2,), model="toy", imagenet_dir=world / "imagenet", split="val",
-        data=world / "sharegpt4v.json", k=(0.0, 8.0), images_per_pair=4, n_captions=4, out=tmp / "eval"))
-    by_k = result["metrics"]["2"]
-    assert by_k["0.0"]["flip_rate"] <= 0.25 and by_k["0.0"]["p_src"] > by_k["0.0"]["p_tgt"], by_k
-    assert by_k["8.0"]["flip_rate"] >= 0.9 and by_k["8.0"]["p_tgt"] > 5 * by_k["8.0"]["p_src"], by_k
+        vectors=tmp / "vec", layer=layers, model="toy", imagenet_dir=world / "imagenet", split="val",
+        data=world / "sharegpt4v.json", k=(0.0, 4.0, 8.0), images_per_pair=5, n_captions=4, out=tmp / "eval"))
+    metrics = result["metrics"]
+    for layer in layers:
+        k0 = metrics[str(layer)]["0.0"]
+        assert k0["flip_rate"] <= 0.05 and k0["p_src"] > k0["p_tgt"], metrics
+    best = max(((layer, k) for layer in map(str, layers) for k in ("4.0", "8.0")),
+               key=lambda lk: metrics[lk[0]][lk[1]]["flip_rate"])
+    m = metrics[best[0]][best[1]]
+    assert m["flip_rate"] >= 0.8 and m["p_tgt"] > m["p_src"], (best, metrics)
 
 
 @pytest.mark.parametrize("positions", ["image", "all"])
