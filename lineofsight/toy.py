@@ -320,6 +320,16 @@ def generate_world(
     return root
 
 
+def ensure_toy_world(*paths: Path | str | None) -> None:
+    """Generate the default world (seed 0) when one of ``paths`` points into it and it is missing
+    or stale: scripts whose defaults are the toy world then work on a fresh checkout."""
+    root = TOY_WORLD_DIR.resolve()
+    for path in paths:
+        if path is not None and Path(path).resolve().is_relative_to(root):
+            generate_world(TOY_WORLD_DIR)
+            return
+
+
 def read_imagenet_split(root: Path | str, split: str = "val", n_per_class: int | None = None) -> list[tuple[Path, int]]:
     """(image path, label) pairs of an ImageNet-layout split, sorted, at most ``n_per_class`` per class."""
     inet = Path(root) / "imagenet"

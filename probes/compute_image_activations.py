@@ -208,6 +208,9 @@ def main(cfg: Config) -> Path:
 
     start = time.perf_counter()
     info = dist.setup(seed=0, device=cfg.device)
+    from lineofsight.toy import ensure_toy_world
+
+    ensure_toy_world(cfg.imagenet_dir)
     index = ClassIndex.read(cfg.imagenet_dir)
     labels = select_classes(index, cfg.classes)
     items = imagenet_items(cfg.imagenet_dir, cfg.split, labels, index, cfg.images_per_class)

@@ -91,6 +91,9 @@ def main(cfg: Config) -> Path:
 
     start = time.perf_counter()
     info = dist.setup(seed=0, device=cfg.device)
+    from lineofsight.toy import ensure_toy_world
+
+    ensure_toy_world(cfg.data)
     records = read_sharegpt4v(cfg.data, limit=cfg.limit)
     if not records:
         raise UserError(f"--data {cfg.data} holds no usable records")

@@ -418,6 +418,9 @@ def main(cfg: Config) -> dict[str, Any]:
 
     start = time.perf_counter()
     info = dist.setup(seed=cfg.seed, device=cfg.device)
+    from lineofsight.toy import ensure_toy_world
+
+    ensure_toy_world(cfg.data if cfg.activations is None else None)
     run = Path(cfg.out)
     if info.is_main:
         if cfg.overwrite and run.exists():

@@ -217,6 +217,9 @@ def main(cfg: Config) -> dict[str, Any]:
     from lineofsight.steering import load_vectors, paper_strengths
 
     start = time.perf_counter()
+    from lineofsight.toy import ensure_toy_world
+
+    ensure_toy_world(cfg.imagenet_dir, cfg.data)
     strengths = [round(float(k), 6) for k in (cfg.k or paper_strengths())]
     model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device or
                                 ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -194,6 +194,9 @@ def main(cfg: Config) -> Path:
 
     start = time.perf_counter()
     info = dist.setup(seed=0, device=cfg.device)
+    from lineofsight.toy import ensure_toy_world
+
+    ensure_toy_world(cfg.imagenet_dir)
     vectors, vec_info = load_vectors(cfg.vectors, cfg.layer)
     pairs = read_class_pairs(cfg.pairs) if cfg.pairs else [tuple(p.split("@")) for p in vec_info["pairs"]]
     pairs = pairs[: cfg.n_pairs]

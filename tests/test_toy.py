@@ -98,3 +98,14 @@ def test_tiny_training_lowers_the_loss(tmp_path):
     start, end = map(float, re.search(r"stage 2 done in .*?loss ([\d.]+) -> ([\d.]+)", proc.stdout).groups())
     assert end < 0.5 * start, (start, end)
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+def test_default_world_is_generated_on_demand(tmp_path, monkeypatch):
+    """Scripts whose defaults point into the toy world work on a fresh checkout (world git-ignored)."""
+    from lineofsight import toy
+
+    monkeypatch.setattr(toy, "TOY_WORLD_DIR", tmp_path / "world")
+    toy.ensure_toy_world(tmp_path / "elsewhere" / "x.json", None)
+    assert not (tmp_path / "world").exists()
+    toy.ensure_toy_world(tmp_path / "world" / "sharegpt4v.json")
+    assert (tmp_path / "world" / "world.json").is_file() and (tmp_path / "world" / "sharegpt4v.json").is_file()

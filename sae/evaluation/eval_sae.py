@@ -230,6 +230,9 @@ def main(cfg: Config) -> dict[str, Any]:
     from lineofsight.sae import check_sae_fits, load_sae
 
     start = time.perf_counter()
+    from lineofsight.toy import ensure_toy_world
+
+    ensure_toy_world(cfg.data)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sae = load_sae(cfg.sae, device)
     records = read_sharegpt4v(cfg.data)[cfg.offset :]

@@ -238,6 +238,9 @@ def main(cfg: Config) -> dict[str, Any]:
     from lineofsight.sae import check_sae_fits, load_sae
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from lineofsight.toy import ensure_toy_world
+
+    ensure_toy_world(cfg.data)
     saes = [load_sae(p, device) for p in cfg.saes]
     records = read_sharegpt4v(cfg.data)[cfg.offset :]
     records = records[: cfg.limit] if cfg.limit is not None else records
