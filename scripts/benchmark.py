@@ -232,9 +232,13 @@ def steering_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     repeats = max(3, cfg.repeats // 3)
 
     def ours() -> None:
-        _, n_tokens = rollouts.generate_steered(model, processor, images, [prompt] * n, delta_BD, layer, "image",
-                                                n_new)
-        assert sum(n_tokens) == n * n_new, n_tokens
+        # The rollouts' own path: one batched prefill with the steering hook, then the KV-cached
+        # greedy loop (EOS never ends a row here, as in the seed loop: exactly n_new tokens each).
+        inputs = _model_inputs(processor, model, text=[prompt] * n, images=images, padding=True)
+        with torch.no_grad(), steer(model, layer, delta_BD, inputs["input_ids"], inputs["attention_mask"]):
+            new = rollouts.greedy_decode(model, inputs, n_new, eos_id=-1, pad_id=tok.pad_token_id)
+        assert new.shape == (n, n_new), new.shape
+        tok.batch_decode(new, skip_special_tokens=True)
 
     def seed_style() -> None:
         # One image at a time: the hook registered again for each sample, then a hand-written
@@ -272,14 +276,7 @@ def steering_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
                                  **gen_kw)
         assert out.shape[1] == small["input_ids"].shape[1] + n_long, out.shape
 
-    # generate_steered takes no min_new_tokens: set it on the generation config for this pair
-    # only, so that every rollout has exactly n_new tokens, as in the seed loop.
-    old = model.generation_config.min_new_tokens
-    model.generation_config.min_new_tokens = n_new
-    try:
-        t_seed, t_ours = time_pair(seed_style, ours, repeats)
-    finally:
-        model.generation_config.min_new_tokens = old
+    t_seed, t_ours = time_pair(seed_style, ours, repeats)
     # Same images, prompt, vector and n x n_new new tokens on both sides: the time ratio is the
     # inverse of the tokens/s ratio.
     rows = [Row(f"steered rollouts, {n}x{n_new} tokens (batch {n})", "seed: b1 loop", t_seed, t_ours,
