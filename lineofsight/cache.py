@@ -16,7 +16,8 @@ from typing import Any
 
 from lineofsight.cli import UserError
 
-__all__ = ["cache_dir_for", "find_cache", "key_hash", "read_activation_cache", "shard_path"]
+__all__ = ["cache_dir_for", "find_cache", "key_hash", "open_cache", "pending_shards", "read_activation_cache",
+           "shard_path"]
 
 
 def key_hash(key: dict[str, Any]) -> str:
@@ -42,6 +43,40 @@ def cache_dir_for(out: Path, key: dict[str, Any], overwrite: bool, prefix: str) 
             )
         return out
     return out / f"{prefix}-{digest}"
+
+
+def open_cache(out: Path, key: dict[str, Any], overwrite: bool, prefix: str,
+               extra_config: dict[str, Any] | None = None) -> tuple[Path, bool]:
+    """The cache folder of ``key`` under ``out``, ready for shards, and whether it is already complete.
+
+    Rank 0 deletes it first with ``overwrite`` and writes ``config.json`` (the key, plus
+    ``extra_config``) into a new one; every rank returns after a barrier. Works in one process too.
+    """
+    import shutil
+
+    from lineofsight import dist
+    from lineofsight.io import write_json
+
+    cache = cache_dir_for(out, key, overwrite, prefix=prefix)
+    if overwrite and dist.is_main() and cache.exists():
+        shutil.rmtree(cache)
+    dist.barrier()
+    if (cache / "metadata.json").is_file():
+        return cache, True
+    if dist.is_main():
+        cache.mkdir(parents=True, exist_ok=True)
+        if not (cache / "config.json").is_file():
+            write_json(cache / "config.json", {"key": key, **(extra_config or {})})
+    dist.barrier()
+    return cache, False
+
+
+def pending_shards(cache: Path, n_shards: int) -> tuple[list[int], list[int]]:
+    """This rank's shards (``shard % world_size == rank``) and those of them not written yet."""
+    from lineofsight import dist
+
+    mine = [s for s in range(n_shards) if s % dist.world_size() == dist.rank()]
+    return mine, [s for s in mine if not shard_path(cache, s).is_file()]
 
 
 def shard_path(cache: Path, shard: int) -> Path:

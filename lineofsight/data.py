@@ -246,3 +246,54 @@ def read_sharegpt4v(path: Path | str, limit: int | None = None) -> list[CaptionR
         if limit is not None and len(records) >= limit:
             break
     return records
+
+
+def _toy_captions() -> Path:
+    from lineofsight.toy import TOY_WORLD_DIR
+
+    return TOY_WORLD_DIR / "sharegpt4v.json"
+
+
+@dataclasses.dataclass
+class HeldOutRecords:
+    """Options shared by the scripts that read a model over held-out captioned images."""
+
+    model: str = "toy"
+    """The model (the SAEs' model): 'toy', an HF id or a local directory."""
+    data: Path = dataclasses.field(default_factory=_toy_captions)
+    """ShareGPT4V-format JSON list of records (use records the SAE did not train on)."""
+    image_root: Path | None = None
+    """Folder the records' image paths are relative to (default: the JSON file's folder)."""
+    offset: int = 0
+    """Skip the first N records (e.g. the ones the SAE was trained on with --limit)."""
+    limit: int | None = 64
+    """Use at most N records."""
+    batch_size: int = 8
+    """Records per forward pass."""
+    max_caption_tokens: int = 128
+    """Caption tokens kept per pass."""
+    dtype: str = "float32"
+    """Model dtype: float32, bfloat16 or float16."""
+    device: str | None = None
+    """Device (default: GPU if there is one, else cpu)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_caption_tokens < 1:
+            raise UserError("--batch-size and --max-caption-tokens must be positive")
+        if self.offset < 0 or (self.limit is not None and self.limit < 1):
+            raise UserError("--offset must be >= 0 and --limit positive")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+
+    def read_records(self) -> list[CaptionRecord]:
+        """The records ``[offset : offset + limit]`` of ``--data``; :class:`UserError` when none are left."""
+        records = read_sharegpt4v(self.data)[self.offset :]
+        records = records[: self.limit] if self.limit is not None else records
+        if not records:
+            raise UserError(f"--data {self.data} has no records after --offset {self.offset}")
+        return records
+
+    @property
+    def root(self) -> Path:
+        return self.image_root or Path(self.data).parent
+

@@ -194,13 +194,12 @@ def extract_batch(model: Any, processor: Any, images: list[Any], cfg: Config, si
 
 
 def main(cfg: Config) -> Path:
-    import shutil
 
     import torch
     from tqdm import tqdm
 
     from lineofsight import dist
-    from lineofsight.cache import cache_dir_for, shard_path
+    from lineofsight.cache import open_cache, pending_shards, shard_path
     from lineofsight.cli import UserError
     from lineofsight.data import ClassIndex, SkipCounter, imagenet_items, select_classes
     from lineofsight.io import provenance, save_tensors, write_json
@@ -230,23 +229,14 @@ def main(cfg: Config) -> Path:
     sites = [residual_site(model, layer) for layer in layers]
 
     key = cache_key(cfg, model_source, labels, layers, len(items), items_digest(cfg.imagenet_dir, items))
-    cache = cache_dir_for(cfg.out, key, cfg.overwrite, prefix="acts")
-    if cfg.overwrite and info.is_main and cache.exists():
-        shutil.rmtree(cache)
-    dist.barrier()
-    if (cache / "metadata.json").is_file():
+    cache, complete = open_cache(cfg.out, key, cfg.overwrite, "acts", {"args": _jsonable(cfg)})
+    if complete:
         dist.print0(f"reusing the complete cache {cache}")
         dist.cleanup()
         return cache
-    if info.is_main:
-        cache.mkdir(parents=True, exist_ok=True)
-        if not (cache / "config.json").is_file():
-            write_json(cache / "config.json", {"key": key, "args": _jsonable(cfg)})
-    dist.barrier()
 
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
-    mine = [s for s in range(n_shards) if s % info.world_size == info.rank]
-    todo = [s for s in mine if not shard_path(cache, s).is_file()]
+    mine, todo = pending_shards(cache, n_shards)
     if len(todo) < len(mine):
         dist.print0(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards of rank 0 already done")
     save_dtype = getattr(torch, cfg.save_dtype)

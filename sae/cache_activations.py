@@ -76,13 +76,12 @@ class Config:
 
 
 def main(cfg: Config) -> Path:
-    import shutil
 
     import torch
     from tqdm import tqdm
 
     from lineofsight import dist
-    from lineofsight.cache import cache_dir_for, shard_path
+    from lineofsight.cache import open_cache, pending_shards, shard_path
     from lineofsight.cli import UserError
     from lineofsight.data import SkipCounter, read_sharegpt4v
     from lineofsight.harvest import TOKEN_TYPES, Harvester, TokenBatch, record_batches
@@ -121,23 +120,14 @@ def main(cfg: Config) -> Path:
         "dtype": cfg.dtype,
         "save_dtype": cfg.save_dtype,
     }
-    cache = cache_dir_for(cfg.out, key, cfg.overwrite, prefix="tokens")
-    if cfg.overwrite and info.is_main and cache.exists():
-        shutil.rmtree(cache)
-    dist.barrier()
-    if (cache / "metadata.json").is_file():
+    cache, complete = open_cache(cfg.out, key, cfg.overwrite, "tokens", None)
+    if complete:
         dist.print0(f"reusing the complete cache {cache}")
         dist.cleanup()
         return cache
-    if info.is_main:
-        cache.mkdir(parents=True, exist_ok=True)
-        if not (cache / "config.json").is_file():
-            write_json(cache / "config.json", {"key": key})
-    dist.barrier()
 
     n_shards = (len(records) + cfg.records_per_shard - 1) // cfg.records_per_shard
-    mine = [s for s in range(n_shards) if s % info.world_size == info.rank]
-    todo = [s for s in mine if not shard_path(cache, s).is_file()]
+    mine, todo = pending_shards(cache, n_shards)
     if len(todo) < len(mine):
         dist.print0(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards of rank 0 already done")
     bar = tqdm(total=sum(min(cfg.records_per_shard, len(records) - s * cfg.records_per_shard) for s in todo),

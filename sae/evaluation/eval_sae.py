@@ -29,50 +29,24 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from lineofsight.toy import TOY_WORLD_DIR
+from lineofsight.data import HeldOutRecords
 
 SPLICES = ("image", "text", "all")
 GROUPS = ("all", "image", "text_in_context", "text_only")
 
 
 @dataclasses.dataclass
-class Config:
+class Config(HeldOutRecords):
     """Options for SAE evaluation."""
 
     sae: Path = Path("runs/sae/sae")
     """SAE folder (sae.safetensors + cfg.json), or a trainer run folder holding sae/."""
-    model: str = "toy"
-    """The model the SAE was trained on: 'toy', an HF id or a local directory."""
-    data: Path = TOY_WORLD_DIR / "sharegpt4v.json"
-    """ShareGPT4V-format JSON list of records (use records the SAE did not train on)."""
-    image_root: Path | None = None
-    """Folder the records' image paths are relative to (default: the JSON file's folder)."""
-    offset: int = 0
-    """Skip the first N records (e.g. the ones the SAE was trained on with --limit)."""
-    limit: int | None = 64
-    """Evaluate at most N records."""
-    max_caption_tokens: int = 128
-    """Caption tokens kept per pass."""
-    batch_size: int = 8
-    """Records per forward pass."""
     dense_threshold: float = 0.1
     """A latent active on more than this fraction of tokens counts as dense."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Model dtype."""
-    device: str | None = None
-    """Device (default: GPU if there is one, else cpu)."""
     out: Path = Path("runs/sae-eval")
     """Folder for eval.json."""
-
-    def __post_init__(self) -> None:
-        from lineofsight.cli import UserError
-
-        if self.batch_size < 1 or self.max_caption_tokens < 1:
-            raise UserError("--batch-size and --max-caption-tokens must be positive")
-        if self.offset < 0 or (self.limit is not None and self.limit < 1):
-            raise UserError("--offset must be >= 0 and --limit positive")
 
 
 class Stats:
@@ -222,8 +196,7 @@ def print_table(metrics: dict[str, Any]) -> None:
 def main(cfg: Config) -> dict[str, Any]:
     import torch
 
-    from lineofsight.cli import UserError
-    from lineofsight.data import SkipCounter, read_sharegpt4v
+    from lineofsight.data import SkipCounter
     from lineofsight.harvest import Harvester, record_batches
     from lineofsight.io import provenance, write_json
     from lineofsight.models import load_vlm, resolve_model_path
@@ -235,10 +208,7 @@ def main(cfg: Config) -> dict[str, Any]:
     ensure_toy_world(cfg.data)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sae = load_sae(cfg.sae, device)
-    records = read_sharegpt4v(cfg.data)[cfg.offset :]
-    records = records[: cfg.limit] if cfg.limit is not None else records
-    if not records:
-        raise UserError(f"--data {cfg.data} has no records after --offset {cfg.offset}")
+    records = cfg.read_records()
     model_source = resolve_model_path(cfg.model)
     model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=device)
     layer = check_sae_fits(sae, model, model_source, None)
@@ -247,7 +217,7 @@ def main(cfg: Config) -> dict[str, Any]:
                           types=tuple(set(types) | {"text_in_context"}))
     harvester.check_boundary(records[0].caption)
     skips = SkipCounter()
-    batches = record_batches(records, range(len(records)), cfg.image_root or cfg.data.parent, cfg.batch_size, skips)
+    batches = record_batches(records, range(len(records)), cfg.root, cfg.batch_size, skips)
     metrics = evaluate(model, sae, harvester, batches, cfg.dense_threshold)
     metrics.update({"layer": layer, "sae": str(cfg.sae), "model": model_source, "n_records": len(records),
                     "offset": cfg.offset, "skipped": skips.to_dict(), "wall_s": round(time.perf_counter() - start, 1),

@@ -24,49 +24,32 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from lineofsight.toy import TOY_WORLD_DIR
+from lineofsight.data import HeldOutRecords
 
 CATEGORIES = ("image_only", "shared", "text_only")
 
 
 @dataclasses.dataclass
-class Config:
+class Config(HeldOutRecords):
     """Options for the modality analysis."""
 
     saes: tuple[Path, ...] = ()
     """SAE folders (or trainer run folders), one per layer, all for --model."""
-    model: str = "toy"
-    """The model the SAEs were trained on."""
-    data: Path = TOY_WORLD_DIR / "sharegpt4v.json"
-    """ShareGPT4V-format JSON list of records (held out from SAE training)."""
-    image_root: Path | None = None
-    """Folder the records' image paths are relative to (default: the JSON file's folder)."""
-    offset: int = 0
-    """Skip the first N records."""
-    limit: int | None = 64
-    """Use at most N records."""
-    batch_size: int = 8
-    """Records per forward pass."""
-    max_caption_tokens: int = 128
-    """Caption tokens kept per pass."""
     image_only: float = 0.9
     """A live latent with modality score >= this is image-only."""
     text_only: float = 0.1
     """A live latent with modality score <= this is text-only (between the two: shared)."""
     top_k: int = 6
     """Top-activating images and text tokens shown per latent."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Model dtype."""
-    device: str | None = None
-    """Device (default: GPU if there is one, else cpu)."""
     out: Path = Path("runs/modality")
     """Output folder."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
 
+        super().__post_init__()
         if not self.saes:
             raise UserError("--saes needs at least one SAE folder")
         if not 0 <= self.text_only < self.image_only <= 1:
@@ -231,7 +214,7 @@ def main(cfg: Config) -> dict[str, Any]:
     import torch
 
     from lineofsight.cli import UserError
-    from lineofsight.data import SkipCounter, load_image, read_sharegpt4v
+    from lineofsight.data import SkipCounter, load_image
     from lineofsight.harvest import Harvester, record_batches
     from lineofsight.io import provenance, write_json
     from lineofsight.models import load_vlm, resolve_model_path
@@ -242,10 +225,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
     ensure_toy_world(cfg.data)
     saes = [load_sae(p, device) for p in cfg.saes]
-    records = read_sharegpt4v(cfg.data)[cfg.offset :]
-    records = records[: cfg.limit] if cfg.limit is not None else records
-    if not records:
-        raise UserError(f"--data {cfg.data} has no records after --offset {cfg.offset}")
+    records = cfg.read_records()
     model_source = resolve_model_path(cfg.model)
     model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=device)
     layers = [check_sae_fits(sae, model, model_source, None) for sae in saes]
@@ -256,7 +236,7 @@ def main(cfg: Config) -> dict[str, Any]:
     stats = [LatentStats(sae.cfg.d_sae, cfg.top_k) for sae in saes]
     registry: list[Any] = []  # per harvested batch: (sample, type, type_index, token_id)
     skips = SkipCounter()
-    root = cfg.image_root or cfg.data.parent
+    root = cfg.root
     n_seen = 0
     for idx, captions, images in record_batches(records, range(len(records)), root, cfg.batch_size, skips):
         if not idx:
