@@ -131,7 +131,7 @@ class Harvester:
         if "image" in self.types or "text_in_context" in self.types:
             parts.append(self._with_image(captions, images, sample_ids))
         if "text_only" in self.types:
-            parts.append(self._caption_only(captions, sample_ids))
+            parts.append(self.caption_only(captions, sample_ids))
         return TokenBatch.cat(parts)
 
     def _with_image(self, captions: Sequence[str], images: Sequence[Any], sample_ids: Sequence[int]) -> TokenBatch:
@@ -164,7 +164,8 @@ class Harvester:
         inputs = {k: (v[:, :width] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
         return inputs, keep[:, :width], kind[:, :width]
 
-    def _caption_only(self, captions: Sequence[str], sample_ids: Sequence[int]) -> TokenBatch:
+    def caption_only(self, captions: Sequence[str], sample_ids: Sequence[int]) -> TokenBatch:
+        """Pass 2: BOS + caption without image; the caption tokens, typed ``text_only``."""
         inputs = self._right_padded(text=list(captions))
         ids, attn = inputs["input_ids"], inputs["attention_mask"].bool()
         keep = attn.clone()

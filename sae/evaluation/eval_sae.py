@@ -143,12 +143,13 @@ def evaluate(model: Any, sae: Any, harvester: Any, batches: Any, dense_threshold
         nll["clean"] += value
         n_caption += count
         x = tr.input
+        x_kept = x[keep]
         with torch.no_grad():
-            x_hat, latents = sae(x[keep])
+            x_hat, latents = sae(x_kept)
         codes = kind[keep]
         for g, sel in (("image", codes == image_code), ("text_in_context", codes == text_code)):
-            stats[g].add(x[keep][sel], x_hat[sel], latents[sel])
-            stats["all"].add(x[keep][sel], x_hat[sel], latents[sel])
+            stats[g].add(x_kept[sel], x_hat[sel], latents[sel])
+            stats["all"].add(x_kept[sel], x_hat[sel], latents[sel])
         recon = torch.zeros_like(x)
         recon[keep] = x_hat.to(x.dtype)
         masks = {"image": kind == image_code, "text": caption, "all": (kind == image_code) | caption}
@@ -158,7 +159,7 @@ def evaluate(model: Any, sae: Any, harvester: Any, batches: Any, dense_threshold
                     out = model(**inputs, use_cache=False).logits
                 nll[f"{name}/{splice}"] += caption_nll(out, ids, caption)[0]
         if text_only:
-            got = harvester._caption_only(captions, idx)
+            got = harvester.caption_only(captions, idx)
             xt = got.acts[:, 0].to(next(sae.parameters()).device)
             with torch.no_grad():
                 xt_hat, lat_t = sae(xt)
