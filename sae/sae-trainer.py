@@ -561,8 +561,10 @@ def main(cfg: Config) -> dict[str, Any]:
                     "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log, 1e-9)}
             t_log, tok_log = now, tokens_seen
             if info.is_main:
+                short = {"image": "img", "text_in_context": "ctx", "text_only": "txt"}
+                by_type = {f"{k.split('/')[0]}_{short[k.split('/')[1]]}": f"{v:.3g}" for k, v in m.items() if "/" in k}
                 bar.set_postfix(loss=f"{last['loss']:.3g}", l0=f"{m['l0']:.1f}", fvu=f"{m['fvu']:.3f}",
-                                dead=f"{last['dead_frac']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                                dead=f"{last['dead_frac']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}", **by_type)
                 with log_path.open("a") as f:
                     f.write(json.dumps(last) + "\n")
                 if wandb_run is not None:
