@@ -26,6 +26,7 @@ __all__ = [
     "broadcast",
     "cleanup",
     "is_main",
+    "keep_freed_cpu_memory",
     "print0",
     "rank",
     "setup",
@@ -69,6 +70,8 @@ def setup(seed: int | None = None, device: str | None = None) -> DistInfo:
             torch.cuda.set_device(local_rank)
         torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if not use_cuda:
+        keep_freed_cpu_memory()
     info = DistInfo(rank=rank(), local_rank=local_rank, world_size=world_size(), device=dev)
     if seed is not None:
         import numpy as np
@@ -77,6 +80,42 @@ def setup(seed: int | None = None, device: str | None = None) -> DistInfo:
         np.random.seed((seed + info.rank) % 2**32)
         torch.manual_seed(seed + info.rank)
     return info
+
+
+# glibc ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_freed_memory_kept: bool | None = None
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Keep memory that torch frees on the CPU inside the process, for the next forward pass.
+
+    By default glibc serves every allocation above 128 KiB (raised adaptively, at most 32 MiB)
+    with a fresh ``mmap`` and gives it back on ``free``, and trims the heap top likewise, so each
+    forward pass at batch size > 1 faults its activation buffers in again page by page. On the
+    2-core CPU this project is tested on that was 30-40 % of a batch-16 forward of the toy
+    model (``scripts/benchmark.py`` rows, with and without). Raising both thresholds makes freed
+    buffers reusable; the price is that the process keeps its peak heap until it exits. CUDA
+    memory has torch's own caching allocator and needs nothing.
+
+    Idempotent; returns whether the setting took (False off glibc, e.g. on macOS), and can be
+    turned off with ``LINEOFSIGHT_KEEP_CPU_MEMORY=0``.
+    """
+    global _freed_memory_kept
+    if _freed_memory_kept is None:
+        _freed_memory_kept = False
+        if os.environ.get("LINEOFSIGHT_KEEP_CPU_MEMORY", "1") != "0":
+            import ctypes
+
+            try:
+                mallopt = ctypes.CDLL("libc.so.6").mallopt
+            except (OSError, AttributeError):  # not glibc: its allocator is left alone
+                return False
+            # 1 GiB of free heap top before trimming; blocks up to 32 MiB (glibc's cap) from the heap.
+            _freed_memory_kept = bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30)) and bool(
+                mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            )
+    return _freed_memory_kept
 
 
 def cleanup() -> None:

@@ -11,6 +11,7 @@ Scripts never walk attribute chains such as ``model.model.language_model.layers`
 - :func:`residual_site` -- where to read or edit the residual stream at ``layer``.
 - :func:`image_token_mask` -- which positions of ``input_ids`` hold image features.
 - :func:`format_prompt` -- a question in the model's prompt format.
+- :func:`vlm_inputs` -- model inputs for (image, prompt) rows, each distinct pair encoded once.
 
 The ``layer`` convention, everywhere in the project: ``layer`` is the 0-based index of the
 decoder block whose **input** is read or edited, i.e. the residual stream after ``layer``
@@ -45,6 +46,7 @@ __all__ = [
     "residual_site",
     "resolve_model_path",
     "text_config",
+    "vlm_inputs",
 ]
 
 #: The LLaVA-NeXT-Mistral prompt, used when a processor has no chat template.
@@ -115,6 +117,7 @@ def load_vlm(
     Raises:
         UserError: ``model`` is neither a model directory nor a loadable id.
     """
+    import torch
     from transformers import AutoConfig, AutoProcessor
 
     torch_dtype = _torch_dtype(dtype)
@@ -127,6 +130,10 @@ def load_vlm(
             f"--model {model!r} could not be loaded: expected a local directory with config.json, "
             f"a Hugging Face id reachable from this machine, or 'toy' ({first_line})"
         ) from None
+    if torch.device(device).type == "cpu":
+        from lineofsight.dist import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()
     model_cls = _model_class(config.model_type)
     vlm = model_cls.from_pretrained(source, dtype=torch_dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(source)
@@ -291,3 +298,46 @@ def format_prompt(processor: Any, question: str, image: bool = True) -> str:
         return MISTRAL_PROMPT.format(image=image_token, question=question)
     return f"[INST] {question} [/INST]"
 
+
+
+def vlm_inputs(model: nn.Module, processor: Any, images: list[Any], prompts: list[str]) -> dict[str, Any]:
+    """Model inputs for a batch of (image, prompt) rows, on the model's device.
+
+    Steering sweeps repeat the same image and prompt across strengths ``k``: a batch of the
+    rollouts' work units is typically one image, one or two prompts and many ``k``. Here each
+    distinct (image object, prompt) pair is preprocessed and sent through the vision tower once,
+    and the rows index into the result, so neither cost grows with the number of strengths.
+
+    Returns ``input_ids`` and ``attention_mask`` (left padding if the tokenizer pads left), plus
+    either ``mm_encoder_outputs`` (the image features, one entry per row, which transformers'
+    LLaVA forward takes instead of pixels; the features can be reused for several forwards) or,
+    for a model whose forward does not take them, ``pixel_values``/``image_sizes`` per row.
+    Either way ``model(**inputs)`` computes what ``model(**processor(text=prompts,
+    images=images))`` does.
+    """
+    import inspect
+
+    import torch
+
+    first: dict[tuple[int, str], int] = {}
+    row_of = [first.setdefault((id(image), prompt), len(first)) for image, prompt in zip(images, prompts)]
+    unique_rows = [row_of.index(u) for u in range(len(first))]
+    proc = processor(text=[prompts[r] for r in unique_rows], images=[images[r] for r in unique_rows],
+                     return_tensors="pt", padding=True)
+    device = next(model.parameters()).device
+    index = torch.tensor(row_of)
+    inputs: dict[str, Any] = {"input_ids": proc["input_ids"][index].to(device),
+                              "attention_mask": proc["attention_mask"][index].to(device)}
+    pixel_values = proc["pixel_values"].to(device, model.dtype)
+    image_kw = {"image_sizes": proc["image_sizes"].to(device)} if "image_sizes" in proc else {}
+    takes_features = "mm_encoder_outputs" in inspect.signature(model.forward).parameters
+    if takes_features and hasattr(model, "get_image_features"):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        with torch.no_grad():
+            per_image = model.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kw).pooler_output
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[per_image[u] for u in row_of])}
+    else:
+        inputs["pixel_values"] = pixel_values[index.to(device)]
+        inputs.update({name: value[index.to(device)] for name, value in image_kw.items()})
+    return inputs

@@ -215,7 +215,7 @@ def steering_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     """Steering issue: batched steered rollouts vs the seed's loop, hook overhead, KV cache."""
     import torch
 
-    from lineofsight.models import check_layer, format_prompt, text_config
+    from lineofsight.models import check_layer, format_prompt, text_config, vlm_inputs
     from lineofsight.steering import steer
 
     rollouts = _load_script("steering/steering_rollouts.py")
@@ -231,19 +231,29 @@ def steering_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     delta_BD = delta.expand(n, -1)
     repeats = max(3, cfg.repeats // 3)
 
-    def ours(n_new: int = n_new) -> None:
-        # The rollouts' own path: one batched prefill with the steering hook, then the KV-cached
-        # greedy loop (EOS never ends a row here, as in the seed loop: exactly n_new tokens each).
-        inputs = _model_inputs(processor, model, text=[prompt] * n, images=images, padding=True)
-        with torch.no_grad(), steer(model, layer, delta_BD, inputs["input_ids"], inputs["attention_mask"]):
+    # Two kinds of batch. A k sweep: the rollouts' work units come in the order pair, image, prompt,
+    # k, so with the paper's 10 prompts x 20 strengths 16 consecutive units are one image and one
+    # prompt at 16 strengths. Distinct images: 16 images at one strength, where nothing is shared
+    # and only batching helps.
+    strengths = torch.linspace(0.5, 8.0, n)
+    sweep = ([images[0]] * n, strengths[:, None] * (v / v.norm()))
+    distinct = (images, delta_BD)
+
+    def ours(batch: tuple[list[Any], Any], n_new: int) -> None:
+        # The rollouts' own path: inputs with each distinct (image, prompt) encoded once, one
+        # batched prefill with the steering hook, then the KV-cached greedy loop (EOS never ends a
+        # row here, as in the seed loop: exactly n_new tokens each).
+        batch_images, deltas_BD = batch
+        inputs = vlm_inputs(model, processor, batch_images, [prompt] * n)
+        with torch.no_grad(), steer(model, layer, deltas_BD, inputs["input_ids"], inputs["attention_mask"]):
             new = rollouts.greedy_decode(model, inputs, n_new, eos_id=-1, pad_id=tok.pad_token_id)
         assert new.shape == (n, n_new), new.shape
         tok.batch_decode(new, skip_special_tokens=True)
 
-    def seed_style(n_new: int = n_new) -> None:
-        # One image at a time: the hook registered again for each sample, then a hand-written
+    def seed_style(batch: tuple[list[Any], Any], n_new: int) -> None:
+        # One unit at a time: the hook registered again for each sample, then a hand-written
         # greedy loop over the KV cache (prefill with the image, then one token per forward).
-        for image in images:
+        for image, delta in zip(*batch):
             inputs = _model_inputs(processor, model, text=[prompt], images=[image])
             with torch.no_grad(), steer(model, layer, delta, inputs["input_ids"], inputs["attention_mask"]):
                 out = model(**inputs, use_cache=True)
@@ -276,15 +286,15 @@ def steering_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
                                  **gen_kw)
         assert out.shape[1] == small["input_ids"].shape[1] + n_long, out.shape
 
-    t_seed, t_ours = time_pair(seed_style, ours, repeats)
-    # Same images, prompt, vector and n x n_new new tokens on both sides: the time ratio is the
-    # inverse of the tokens/s ratio.
-    rows = [Row(f"steered rollouts, {n}x{n_new} tokens (batch {n})", "seed: b1 loop", t_seed, t_ours,
-                "<= 0.125 (8x)", t_seed / t_ours >= 8)]
-    # The paper's rollout length (--max-new-tokens 100): decoding, where batching pays, dominates.
-    t_seed, t_ours = time_pair(lambda: seed_style(100), lambda: ours(100), 3)
-    rows.append(Row(f"steered rollouts, {n}x100 tokens (batch {n})", "seed: b1 loop", t_seed, t_ours,
-                    "<= 0.125 (8x)", t_seed / t_ours >= 8))
+    # Same images, prompt, vectors and n x n_new new tokens on both sides: the time ratio is the
+    # inverse of the tokens/s ratio. 100 new tokens is the paper's rollout length.
+    rows = []
+    for kind, units in (("k sweep", sweep), (f"{n} images", distinct)):
+        for n_tok, reps in ((n_new, repeats), (100, 3)):
+            t_seed, t_ours = time_pair(lambda u=units, t=n_tok: seed_style(u, t),
+                                       lambda u=units, t=n_tok: ours(u, t), reps)
+            rows.append(Row(f"steered rollouts {n}x{n_tok} tok, {kind}", "seed: b1 loop", t_seed, t_ours,
+                            "<= 0.125 (8x)", t_seed / t_ours >= 8))
     t_plain, t_steer = time_pair(plain, steered, cfg.repeats)
     rows.append(Row(f"steered generate, {n_new} tokens (batch {n})", "no hook", t_plain, t_steer,
                     "<= 1.05", t_steer / t_plain <= 1.05))

@@ -92,25 +92,20 @@ def first_token(tokenizer: Any, word: str) -> int:
     return int(ids[0])
 
 
-def _to_device(inputs: Any, model: Any) -> Any:
-    inputs = inputs.to(next(model.parameters()).device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    return inputs
-
-
 def efficacy(model: Any, processor: Any, layer: int, cases: list[dict[str, Any]], strengths: list[float],
              positions: str, batch_size: int) -> dict[float, dict[str, float]]:
     """``{k: {p_tgt, p_src, flip_rate}}`` averaged over ``cases`` (image, prompt, v, ids of tgt/src)."""
     import torch
 
+    from lineofsight.models import vlm_inputs
     from lineofsight.steering import steer
 
     sums = {k: {"p_tgt": 0.0, "p_src": 0.0, "flip_rate": 0.0} for k in strengths}
-    work = [(k, case) for k in strengths for case in cases]
+    # Case-major, so that a batch holds few images at many k; each is encoded once (vlm_inputs).
+    work = [(k, case) for case in cases for k in strengths]
     for lo in range(0, len(work), batch_size):
         batch = work[lo : lo + batch_size]
-        inputs = _to_device(processor(text=[c["prompt"] for _, c in batch], images=[c["image"] for _, c in batch],
-                                      return_tensors="pt", padding=True), model)
+        inputs = vlm_inputs(model, processor, [c["image"] for _, c in batch], [c["prompt"] for _, c in batch])
         delta = torch.stack([k * c["v"] for k, c in batch])
         with torch.no_grad(), steer(model, layer, delta, inputs["input_ids"], inputs["attention_mask"], positions):
             probs = model(**inputs, use_cache=False).logits[:, -1].float().softmax(-1)
@@ -127,14 +122,15 @@ def caption_nll(model: Any, processor: Any, layer: int, captions: list[dict[str,
     """Mean per-token NLL of the captions given image + question, with ``k * v`` added, per k."""
     import torch
 
+    from lineofsight.models import vlm_inputs
     from lineofsight.steering import steer
 
     totals = dict.fromkeys(strengths, 0.0)
     count = 0
     for lo in range(0, len(captions), batch_size):
         batch = captions[lo : lo + batch_size]
-        inputs = _to_device(processor(text=[c["text"] for c in batch], images=[c["image"] for c in batch],
-                                      return_tensors="pt", padding=True), model)
+        # The image features are computed once here and reused by the forward at every k.
+        inputs = vlm_inputs(model, processor, [c["image"] for c in batch], [c["text"] for c in batch])
         targets = inputs["input_ids"][:, 1:]
         # Left padding: each caption's n tokens are the last n of its row.
         weights = torch.zeros_like(targets, dtype=torch.float32)

@@ -163,12 +163,11 @@ def generate_steered(model: Any, processor: Any, images: list[Any], prompts: lis
     """Greedy batched generation with ``delta_BD[b]`` added at ``layer``; texts and new-token counts."""
     import torch
 
+    from lineofsight.models import vlm_inputs
     from lineofsight.steering import steer
 
     tok = processor.tokenizer
-    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-    inputs = inputs.to(next(model.parameters()).device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = vlm_inputs(model, processor, images, prompts)  # each distinct (image, prompt) encoded once
     with torch.no_grad(), steer(model, layer, delta_BD, inputs["input_ids"], inputs["attention_mask"], positions):
         new_BT = greedy_decode(model, inputs, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
     n_tokens = []

@@ -15,6 +15,7 @@ from lineofsight.models import (
     load_vlm,
     n_layers,
     residual_site,
+    vlm_inputs,
 )
 
 QUESTION = "What is shown in this image?"
@@ -145,3 +146,40 @@ def test_load_vlm_not_a_model_dir(tmp_path):
 def test_bad_dtype():
     with pytest.raises(UserError, match="unknown dtype"):
         load_vlm("toy", dtype="float8")
+
+
+@pytest.mark.parametrize("kind", ["next-mistral", "llava15"])
+@pytest.mark.parametrize("features", [True, False])
+def test_vlm_inputs_share_repeated_rows_and_equal_the_processor(tiny_models, kind, features, monkeypatch):
+    """Rows repeating (image, prompt) pairs -- a k sweep -- are encoded once, and the model sees
+    exactly the inputs the processor would give: same ids, padding and logits."""
+    model, processor = tiny_models(kind)
+    processor.tokenizer.padding_side = "left"
+    pics = images([(40, 24), (24, 40), (32, 32)])
+    prompts = [format_prompt(processor, q) for q in (QUESTION, "Describe it.")]
+    rows = [(0, 0), (0, 0), (1, 1), (0, 1), (2, 0), (1, 1), (0, 0)]
+    row_images, row_prompts = [pics[i] for i, _ in rows], [prompts[j] for _, j in rows]
+    ref = processor(text=row_prompts, images=row_images, return_tensors="pt", padding=True)
+    encoded = []
+    tower = model.get_image_features
+    monkeypatch.setattr(model, "get_image_features", lambda **kw: encoded.append(kw) or tower(**kw))
+    if not features:  # a model whose forward takes pixels only
+        forward = model.forward
+        monkeypatch.setattr(model, "forward", lambda input_ids=None, attention_mask=None, pixel_values=None,
+                            image_sizes=None, **kw: forward(input_ids=input_ids, attention_mask=attention_mask,
+                                                           pixel_values=pixel_values, image_sizes=image_sizes, **kw))
+    ours = vlm_inputs(model, processor, row_images, row_prompts)
+    assert torch.equal(ours["input_ids"], ref["input_ids"])
+    assert torch.equal(ours["attention_mask"], ref["attention_mask"])
+    if features:
+        assert "pixel_values" not in ours and len(encoded) == 1
+        assert encoded[0]["pixel_values"].shape[0] == 4  # the 4 distinct (image, prompt) pairs
+    else:
+        assert "mm_encoder_outputs" not in ours and not encoded
+        assert ours["pixel_values"].shape[0] == len(rows)
+    with torch.no_grad():
+        expected = model(**ref).logits
+        got = model(**ours).logits
+        again = model(**ours).logits  # precomputed features serve more than one forward
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, got)
