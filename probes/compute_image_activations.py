@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -71,7 +72,7 @@ class Config:
     device: str | None = None
     """Device (default: this rank's GPU if there is one, else cpu)."""
     num_workers: int = 0
-    """DataLoader workers that decode and preprocess images while the model runs."""
+    """DataLoader workers that decode, resize and preprocess (processor) the next batches while the model runs; 0 does it in the main process. On a GPU node use several."""
     out: Path = Path("runs/acts")
     """Parent folder of the cache (the cache is <out>/acts-<hash>), or an existing cache folder."""
     overwrite: bool = False
@@ -156,6 +157,25 @@ class _Images:
         return idx, image, skips.to_dict()
 
 
+class _Preprocess:
+    """DataLoader ``collate_fn``: the processor runs where the images were decoded, so with
+    ``--num-workers`` > 0 the workers tokenize and preprocess the next batches while the model runs."""
+
+    def __init__(self, processor: Any, prompt: str) -> None:
+        self.processor, self.prompt = processor, prompt
+
+    def __call__(self, batch: list[tuple[int, Any, dict[str, Any]]]) -> tuple[list[int], Any, list[dict], int]:
+        """(indices of the readable images, their processor inputs or None, skip counts, batch size)."""
+        good = [(idx, image) for idx, image, _ in batch if image is not None]
+        inputs = preprocess(self.processor, [image for _, image in good], self.prompt) if good else None
+        return [idx for idx, _ in good], inputs, [skipped for _, _, skipped in batch], len(batch)
+
+
+def preprocess(processor: Any, images: list[Any], prompt: str) -> Any:
+    """Processor inputs (CPU tensors) for ``images``, each with ``prompt``."""
+    return processor(text=[prompt] * len(images), images=images, return_tensors="pt", padding=True)
+
+
 def pool_batch(
     resid_BTD: Any, input_ids_BT: Any, attention_mask_BT: Any, image_mask_BT: Any, pool: str
 ) -> Any:
@@ -174,12 +194,16 @@ def pool_batch(
 
 def extract_batch(model: Any, processor: Any, images: list[Any], cfg: Config, sites: list[str]) -> Any:
     """``[B, n_layers, D]`` pooled activations for a batch of PIL images (one forward, early stop)."""
+    return extract_inputs(model, preprocess(processor, images, cfg.prompt), cfg, sites)
+
+
+def extract_inputs(model: Any, inputs: Any, cfg: Config, sites: list[str]) -> Any:
+    """``[B, n_layers, D]`` pooled activations for preprocessed ``inputs`` (one forward, early stop)."""
     import torch
 
     from lineofsight.hooks import TraceDict
     from lineofsight.models import image_token_mask
 
-    inputs = processor(text=[cfg.prompt] * len(images), images=images, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     inputs = inputs.to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -235,6 +259,8 @@ def main(cfg: Config) -> Path:
         dist.cleanup()
         return cache
 
+    if cfg.num_workers > 0:  # the workers tokenize; the main process's tokenizer threads are not forked
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     mine, todo = pending_shards(cache, n_shards)
     if len(todo) < len(mine):
@@ -246,18 +272,17 @@ def main(cfg: Config) -> Path:
         lo, hi = shard * cfg.shard_size, min(len(items), (shard + 1) * cfg.shard_size)
         loader = torch.utils.data.DataLoader(
             _Images(cfg.imagenet_dir, items, list(range(lo, hi)), cfg.resize),
-            batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=list,
+            batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_Preprocess(processor, cfg.prompt),
         )
         skips = SkipCounter()
         acts, kept = [], []
-        for batch in loader:
-            for _, _, skipped in batch:
-                skips.merge(skipped)
-            good = [(idx, image) for idx, image, _ in batch if image is not None]
+        for good, inputs, skipped, n_batch in loader:
+            for counts in skipped:
+                skips.merge(counts)
             if good:
-                acts.append(extract_batch(model, processor, [im for _, im in good], cfg, sites).to(save_dtype).cpu())
-                kept += [idx for idx, _ in good]
-            progress.update(len(batch))
+                acts.append(extract_inputs(model, inputs, cfg, sites).to(save_dtype).cpu())
+                kept += good
+            progress.update(n_batch)
         d_model = model.config.get_text_config(decoder=True).hidden_size
         tensors = {
             "acts": torch.cat(acts) if acts else torch.zeros(0, len(layers), d_model, dtype=save_dtype),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -124,6 +125,13 @@ def test_bad_images_are_skipped_and_counted(tiny_model_dir, small_world, tmp_pat
     assert meta["n_images"] == 6
     assert meta["skipped"]["counts"] == {"corrupt": 1, "missing": 1}
     assert "skipped 2" in meta["skipped_summary"]
+    # Two workers decode and preprocess in parallel: the same activations, the same skips.
+    par = extract.main(dataclasses.replace(cfg, num_workers=2, out=tmp_path / "acts-par"))
+    par_meta = json.loads((par / "metadata.json").read_text())
+    assert par_meta["skipped"] == meta["skipped"]
+    a, b = read_activation_cache(cache), read_activation_cache(par)
+    assert torch.equal(a["labels"], b["labels"]) and a["paths"] == b["paths"]
+    torch.testing.assert_close(a["acts"], b["acts"], rtol=0, atol=0)
 
 
 def test_every_image_bad_is_exit_2(tiny_model_dir, small_world, tmp_path):
