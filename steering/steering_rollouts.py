@@ -10,7 +10,7 @@ are resolved per sample, so a batch mixes image sizes, prompts and strengths fre
 
 Output: ``<out>/rollouts.jsonl``, one record per generation (src, tgt, layer, k, prompt_id,
 prompt, image, text, n_tokens, positions). Re-running skips records already written. Under
-``torchrun`` the ranks take disjoint units and append to ``rollouts.rank{r}.jsonl``; rank 0 merges.
+``torchrun`` the ranks take disjoint contiguous blocks of units and append to ``rollouts.rank{r}.jsonl``; rank 0 merges.
 
     python steering/steering_rollouts.py --vectors runs/vectors --layer 3 --out runs/rollouts
 """
@@ -252,7 +252,10 @@ def main(cfg: Config) -> Path:
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     done = read_done(cfg.out)
-    mine = [u for i, u in enumerate(units) if i % info.world_size == info.rank and unit_key(u) not in done]
+    # Contiguous blocks per rank, so that a rank's batches keep each k sweep together (one image and
+    # prompt at many strengths, encoded once by vlm_inputs).
+    first, end = info.rank * len(units) // info.world_size, (info.rank + 1) * len(units) // info.world_size
+    mine = [u for u in units[first:end] if unit_key(u) not in done]
     dist.print0(f"{len(units)} rollouts ({len(pairs)} pairs x {len(strengths)} k x {len(questions)} prompts x "
                 f"<= {cfg.images_per_pair} images); {len(done)} already written")
     part = cfg.out / f"rollouts.rank{info.rank}.jsonl"
