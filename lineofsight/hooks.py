@@ -22,21 +22,23 @@ Guarantees:
 
 Beyond baukit: ``edit_input=fn(input, name) -> input`` edits the input (the project reads
 and edits the residual stream at the *input* of block ``layer``; see
-:mod:`lineofsight.models`).
+:mod:`lineofsight.models`), and :func:`fork_batch` continues one forward pass from a block on
+several edited copies of its input at once (CE loss recovered needs seven such passes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["StopForward", "Trace", "TraceDict", "resolve_modules"]
+__all__ = ["StopForward", "Trace", "TraceDict", "fork_batch", "resolve_modules"]
 
 Editor = Callable[..., torch.Tensor]
 
@@ -262,3 +264,55 @@ class TraceDict(OrderedDict):
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
         self.close()
         return self.stop and exc_type is not None and issubclass(exc_type, StopForward)
+
+
+@contextlib.contextmanager
+def fork_batch(
+    module: nn.Module, names: list[str], variants: Callable[[torch.Tensor], list[torch.Tensor]]
+) -> Iterator[None]:
+    """Run the rest of a forward pass on several variants of one module's input at once.
+
+    ``names`` are the modules from the fork point to the end of the stack, in call order: the
+    decoder blocks ``layer..n-1`` (or the final norm alone). At the input of ``names[0]``,
+    ``variants(h_BTD)`` returns V tensors shaped like ``h``; they are concatenated along the
+    batch (variant-major), and every module in ``names`` gets the batch-sized tensors among its
+    other arguments (attention mask, position ids, rotary embeddings) repeated to match. What
+    runs before the fork point (vision tower, embedding, earlier blocks) runs once instead of V
+    times, and the model's output has ``V * B`` rows: ``out.unflatten(0, (V, B))[v]`` is what a
+    forward with ``h`` replaced by ``variants(h)[v]`` gives. A forward with a KV cache is refused:
+    the cache would be filled for B rows by the early blocks and V * B by the late ones.
+    """
+    resolved = resolve_modules(module, names)
+    first = resolved[0][1]
+    state: dict[str, Any] = {}
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(expand(v) for v in value)
+        # Batch-shaped: [B, T, ...] (1-D tensors such as cache positions are not per row).
+        if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[0] == state["B"]:
+            key = id(value)
+            if key not in state["memo"]:  # the same mask / rotary tables reach every block
+                state["memo"][key] = (value, value.repeat(state["V"], *([1] * (value.dim() - 1))))
+            return state["memo"][key][1]
+        if value is not None and hasattr(value, "get_seq_length"):
+            raise ValueError("fork_batch needs use_cache=False (a KV cache cannot change batch size midway)")
+        return value
+
+    def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            h, rest = args[0], args[1:]
+        else:
+            h, rest = kwargs.pop("hidden_states"), ()
+        if mod is first:
+            forks = list(variants(h))
+            state.update(B=h.shape[0], V=len(forks), memo={})
+            h = torch.cat(forks, 0)
+        return (h, *(expand(a) for a in rest)), {k: expand(v) for k, v in kwargs.items()}
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for _, m in resolved]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import images
 
-from lineofsight.hooks import Trace, TraceDict
+from lineofsight.hooks import Trace, TraceDict, fork_batch
 from lineofsight.models import (
     final_norm_name,
     format_prompt,
@@ -209,3 +209,35 @@ def test_no_hook_leaks(tiny_models):
     with pytest.raises(LookupError):
         Trace(model, "nope")
     assert _hooks(model) == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layer", [1, 3])
+def test_fork_batch_equals_one_forward_per_variant(tiny_models, kind, layer):
+    """One forward forked at block ``layer`` (or at the final norm, layer 3 of 3) into three
+    edited copies gives each copy's own forward: left padding, mixed image sizes."""
+    model, processor = tiny_models(kind)
+    inputs = _inputs(processor, sizes=((64, 64), (48, 80), (100, 40)))
+    site = residual_site(model, layer)
+    names = layer_names(model)[layer:] or [site]
+    shift = torch.randn(model.config.get_text_config().hidden_size)
+    edits = [lambda h: h, lambda h: torch.zeros_like(h), lambda h: h + shift]
+    with torch.no_grad():
+        model(**inputs)  # transformers adds its own output-capturing hooks on a first forward
+    before = _hooks(model)
+    with torch.no_grad(), fork_batch(model, names, lambda h: [edit(h) for edit in edits]):
+        forked = model(**inputs, use_cache=False).logits
+    assert _hooks(model) == before
+    forked = forked.unflatten(0, (len(edits), len(inputs["input_ids"])))
+    for v, edit in enumerate(edits):
+        with torch.no_grad(), Trace(model, site, retain_output=False, edit_input=edit):
+            want = model(**inputs, use_cache=False).logits
+        torch.testing.assert_close(forked[v], want, rtol=1e-5, atol=1e-5)
+
+
+def test_fork_batch_refuses_a_kv_cache(tiny_models):
+    model, processor = tiny_models("next-mistral")
+    inputs = _inputs(processor)
+    with torch.no_grad(), fork_batch(model, layer_names(model)[1:], lambda h: [h, h]), \
+            pytest.raises(ValueError, match="use_cache=False"):
+        model(**inputs, use_cache=True)

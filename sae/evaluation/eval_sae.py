@@ -98,35 +98,36 @@ def ce_recovered(clean: float, spliced: float, zero: float) -> float:
 
 
 def caption_nll(logits_BTV: Any, input_ids_BT: Any, caption_BT: Any) -> tuple[float, int]:
-    """Summed next-token NLL over the caption positions (predicted from the position before) and their count."""
+    """Summed next-token NLL over the caption positions (predicted from the position before) and
+    their count. ``logits_BTV`` may cover only the last positions of the rows (``logits_to_keep``)."""
     import torch
 
-    target = caption_BT[:, 1:]
+    lo = input_ids_BT.shape[1] - logits_BTV.shape[1]  # the first position with logits
+    target = caption_BT[:, lo + 1 :]
     nll = torch.nn.functional.cross_entropy(
-        logits_BTV[:, :-1].float().transpose(1, 2), input_ids_BT[:, 1:], reduction="none"
+        logits_BTV[:, :-1].float().transpose(1, 2), input_ids_BT[:, lo + 1 :], reduction="none"
     )
     return float(nll[target].sum()), int(target.sum())
 
 
-def _splice(mask_BT: Any, value_BTD: Any) -> Any:
-    """An ``edit_input`` that puts ``value_BTD`` at the masked positions of the residual."""
-    import torch
-
-    def edit(h_BTD: Any) -> Any:
-        return torch.where(mask_BT[..., None], value_BTD.to(h_BTD.dtype), h_BTD)
-
-    return edit
-
-
 def evaluate(model: Any, sae: Any, harvester: Any, batches: Any, dense_threshold: float) -> dict[str, Any]:
-    """Stream ``batches`` of ``(indices, captions, images)`` and return the metrics dict."""
+    """Stream ``batches`` of ``(indices, captions, images)`` and return the metrics dict.
+
+    Per batch, one forward pass serves the clean run and all six splices: it forks at the SAE's
+    layer into seven copies of the residual (clean; zeros and the SAE's reconstruction at the
+    image, caption and all positions) that the later blocks run as one batch
+    (:func:`lineofsight.hooks.fork_batch`), and only the caption tail gets logits.
+    """
     import torch
 
     from lineofsight.harvest import TOKEN_TYPES
-    from lineofsight.hooks import Trace
+    from lineofsight.hooks import fork_batch
+    from lineofsight.models import layer_names
 
-    site = harvester.sites[0]
+    layer = harvester.layers[0]
+    fork_at = layer_names(model)[layer:] or [harvester.sites[0]]  # blocks layer.., or the final norm
     stats = {g: Stats(sae.cfg.d_in, sae.cfg.d_sae) for g in GROUPS}
+    runs = ["clean", *(f"{kind}/{s}" for s in SPLICES for kind in ("zero", "sae"))]  # the order of variants()
     nll = {"clean": 0.0, **{f"{kind}/{s}": 0.0 for kind in ("zero", "sae") for s in SPLICES}}
     n_caption = 0
     image_code, text_code = TOKEN_TYPES.index("image"), TOKEN_TYPES.index("text_in_context")
@@ -135,29 +136,37 @@ def evaluate(model: Any, sae: Any, harvester: Any, batches: Any, dense_threshold
         if not idx:
             continue
         inputs, keep, kind = harvester.prepare_with_image(captions, images)
-        with torch.no_grad(), Trace(model, site, retain_input=True, retain_output=False) as tr:
-            logits = model(**inputs, use_cache=False).logits
         ids = inputs["input_ids"]
         caption = kind == text_code
-        value, count = caption_nll(logits, ids, caption)
-        nll["clean"] += value
-        n_caption += count
-        x = tr.input
-        x_kept = x[keep]
-        with torch.no_grad():
+        masks = {"image": kind == image_code, "text": caption, "all": (kind == image_code) | caption}
+        encoded: dict[str, Any] = {}
+
+        def variants(x: Any, keep: Any = keep, masks: dict[str, Any] = masks, encoded: dict = encoded) -> list[Any]:
+            x_kept = x[keep]
             x_hat, latents = sae(x_kept)
+            encoded.update(x_kept=x_kept, x_hat=x_hat, latents=latents)
+            recon = torch.zeros_like(x)
+            recon[keep] = x_hat.to(x.dtype)
+            out = [x]
+            for splice in SPLICES:
+                where = masks[splice][..., None]
+                out += [torch.where(where, torch.zeros_like(x), x), torch.where(where, recon, x)]
+            return out
+
+        # Logits from the position before the first caption token on: what the NLL needs.
+        first_caption = int(caption.int().argmax(1)[caption.any(1)].min()) if caption.any() else ids.shape[1] - 1
+        n_logits = ids.shape[1] - max(first_caption - 1, 0)
+        with torch.no_grad(), fork_batch(model, fork_at, variants):
+            logits = model(**inputs, use_cache=False, logits_to_keep=n_logits).logits
+        for run, logits_BTV in zip(runs, logits.unflatten(0, (len(runs), ids.shape[0]))):
+            value, count = caption_nll(logits_BTV, ids, caption)
+            nll[run] += value
+        n_caption += count
         codes = kind[keep]
         for g, sel in (("image", codes == image_code), ("text_in_context", codes == text_code)):
-            stats[g].add(x_kept[sel], x_hat[sel], latents[sel])
-            stats["all"].add(x_kept[sel], x_hat[sel], latents[sel])
-        recon = torch.zeros_like(x)
-        recon[keep] = x_hat.to(x.dtype)
-        masks = {"image": kind == image_code, "text": caption, "all": (kind == image_code) | caption}
-        for splice, mask in masks.items():
-            for name, value_BTD in (("zero", torch.zeros_like(x)), ("sae", recon)):
-                with torch.no_grad(), Trace(model, site, retain_output=False, edit_input=_splice(mask, value_BTD)):
-                    out = model(**inputs, use_cache=False).logits
-                nll[f"{name}/{splice}"] += caption_nll(out, ids, caption)[0]
+            x_kept, x_hat, latents = (encoded[key][sel] for key in ("x_kept", "x_hat", "latents"))
+            stats[g].add(x_kept, x_hat, latents)
+            stats["all"].add(x_kept, x_hat, latents)
         if text_only:
             got = harvester.caption_only(captions, idx)
             xt = got.acts[:, 0].to(next(sae.parameters()).device)
