@@ -26,7 +26,7 @@ from lineofsight.cli import UserError
 from lineofsight.hooks import TraceDict
 from lineofsight.models import format_prompt, image_token_mask, residual_site
 
-__all__ = ["CAPTION_QUESTION", "TOKEN_TYPES", "Harvester", "TokenBatch", "record_batches"]
+__all__ = ["CAPTION_QUESTION", "TOKEN_TYPES", "Harvester", "ImageLoader", "TokenBatch", "record_batches"]
 
 CAPTION_QUESTION = "What is shown in this image?"
 TOKEN_TYPES: tuple[str, ...] = ("image", "text_in_context", "text_only")
@@ -188,21 +188,74 @@ class Harvester:
         return TokenBatch(acts, kind[keep].to(torch.uint8).cpu(), samples, ids[keep].cpu(), rank[keep].cpu())
 
 
-def record_batches(records: Sequence[Any], indices: Sequence[int], image_root: Any, batch_size: int,
-                   skips: Any) -> Any:
-    """Yield ``(indices, captions, images)`` batches of the records at ``indices``; a record whose
-    image is missing or unreadable is counted in ``skips`` and left out (a batch may be empty)."""
-    from pathlib import Path
+class ImageLoader:
+    """Decodes the images of records in background threads, ahead of their use.
 
-    from lineofsight.data import load_image
+    ``want(indices)`` schedules records; ``get(i, skips)`` returns record ``i``'s RGB image (or
+    None, counted in ``skips``), waiting for it if needed and decoding it in the calling thread if
+    it was never scheduled. Skips are merged when an image is taken, so they add up in the order
+    of use, whatever order the threads finish in. With ``threads=0`` nothing runs in the
+    background. PIL releases the GIL while it decodes, so decoding overlaps the model's forward.
+    """
 
-    indices = list(indices)
-    for lo in range(0, len(indices), batch_size):
+    def __init__(self, records: Sequence[Any], image_root: Any, threads: int = 0) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        from pathlib import Path
+
+        self.records, self.root = records, Path(image_root)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="images") if threads > 0 else None
+        self.pending: dict[int, Any] = {}
+
+    def _load(self, i: int) -> tuple[Any, dict[str, Any]]:
+        from lineofsight.data import SkipCounter, load_image
+
+        skips = SkipCounter()
+        return load_image(self.root / self.records[i].image, skips), skips.to_dict()
+
+    def want(self, indices: Sequence[int]) -> None:
+        if self.pool is not None:
+            for i in indices:
+                if i not in self.pending:
+                    self.pending[i] = self.pool.submit(self._load, i)
+
+    def get(self, i: int, skips: Any) -> Any:
+        future = self.pending.pop(i, None)
+        image, counts = future.result() if future is not None else self._load(i)
+        skips.merge(counts)
+        return image
+
+    def batch(self, indices: Sequence[int], skips: Any) -> tuple[list[int], list[str], list[Any]]:
+        """``(indices, captions, images)`` of the readable records among ``indices``."""
         idx, captions, images = [], [], []
-        for i in indices[lo : lo + batch_size]:
-            image = load_image(Path(image_root) / records[i].image, skips)
+        for i in indices:
+            image = self.get(i, skips)
             if image is not None:
                 idx.append(i)
-                captions.append(records[i].caption)
+                captions.append(self.records[i].caption)
                 images.append(image)
-        yield idx, captions, images
+        return idx, captions, images
+
+    def close(self) -> None:
+        """Drop what was scheduled and not taken; stop the threads."""
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def record_batches(records: Sequence[Any], indices: Sequence[int], image_root: Any, batch_size: int,
+                   skips: Any, threads: int = 0, ahead: int = 2) -> Any:
+    """Yield ``(indices, captions, images)`` batches of the records at ``indices``; a record whose
+    image is missing or unreadable is counted in ``skips`` and left out (a batch may be empty).
+    With ``threads`` > 0 the images of the next ``ahead`` batches are decoded in the background."""
+    indices = list(indices)
+    batches = [indices[lo : lo + batch_size] for lo in range(0, len(indices), batch_size)]
+    loader = ImageLoader(records, image_root, threads)
+    try:
+        for b, batch in enumerate(batches):
+            for upcoming in batches[b : b + 1 + ahead]:
+                loader.want(upcoming)
+            yield loader.batch(batch, skips)
+    finally:
+        loader.close()

@@ -54,6 +54,8 @@ class Config:
     """Records per shard (the unit of resumption and of the torchrun split)."""
     batch_size: int = 8
     """Records per forward pass."""
+    load_threads: int = 4
+    """Threads that decode the images of the next batches while the model runs (0: none)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Model dtype."""
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -138,7 +140,8 @@ def main(cfg: Config) -> Path:
         skips = SkipCounter()
         parts = []
         seen = 0
-        for idx, captions, images in record_batches(records, range(lo, hi), image_root, cfg.batch_size, skips):
+        batches = record_batches(records, range(lo, hi), image_root, cfg.batch_size, skips, cfg.load_threads)
+        for idx, captions, images in batches:
             if idx:
                 parts.append(harvester(captions, images, idx))
             bar.update(len(idx) + skips.total - seen)

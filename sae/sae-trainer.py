@@ -77,6 +77,8 @@ class Config:
     """Online mode: the shuffle buffer holds this many batches of tokens."""
     records_per_forward: int = 8
     """Online mode: records per harvesting forward pass."""
+    load_threads: int = 4
+    """Online mode: threads that decode the images of the next forward passes while the model runs (0: none)."""
     max_caption_tokens: int = 128
     """Online mode: caption tokens kept per pass."""
     dead_after_tokens: int = 1_000_000
@@ -158,6 +160,9 @@ class OnlineSource:
         self.types = torch.zeros(0, dtype=torch.uint8)
         self.image_root = cfg.image_root or cfg.data.parent
         self._order: list[int] | None = None
+        from lineofsight.harvest import ImageLoader
+
+        self.loader = ImageLoader(records, self.image_root, cfg.load_threads)
 
     def _my_records(self) -> list[int]:
         import torch
@@ -171,21 +176,25 @@ class OnlineSource:
     def _harvest_more(self) -> None:
         import torch
 
-        from lineofsight.harvest import record_batches
-
         mine = self._my_records()
         if not mine:
             raise RuntimeError(f"rank {self.rank} has no records (fewer records than ranks)")
-        chunk = mine[self.cursor : self.cursor + self.cfg.records_per_forward]
+        n = self.cfg.records_per_forward
+        chunk = mine[self.cursor : self.cursor + n]
+        self.loader.want(chunk)
+        self.loader.want(mine[self.cursor + n : self.cursor + 3 * n])  # decoded while this chunk runs
         self.cursor += len(chunk)
         if self.cursor >= len(mine):
             self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-        for idx, captions, images in record_batches(self.records, chunk, self.image_root, len(chunk), self.skips):
-            if idx:
-                got = self.harvester(captions, images, idx)
-                acts = got.acts[:, 0].to(torch.float32)
-                self.acts = acts if self.acts.numel() == 0 else torch.cat([self.acts, acts])
-                self.types = torch.cat([self.types, got.token_type])
+        idx, captions, images = self.loader.batch(chunk, self.skips)
+        if idx:
+            got = self.harvester(captions, images, idx)
+            acts = got.acts[:, 0].to(torch.float32)
+            self.acts = acts if self.acts.numel() == 0 else torch.cat([self.acts, acts])
+            self.types = torch.cat([self.types, got.token_type])
+
+    def close(self) -> None:
+        self.loader.close()
 
     def fill(self) -> None:
         need = self.cfg.buffer_batches * self.cfg.batch_size
@@ -261,6 +270,9 @@ class CacheSource:
         return {}, {}
 
     def load_state(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -573,6 +585,7 @@ def main(cfg: Config) -> dict[str, Any]:
             save_checkpoint(run, step, sae, opt, since_fired, source, {"tokens_seen": tokens_seen},
                             info.rank, info.world_size)
     bar.close()
+    source.close()
 
     skipped = dist.all_gather_object(source.skips.to_dict())
     metrics: dict[str, Any] = {}

@@ -18,7 +18,8 @@ import torch
 from conftest import ROOT, build_tiny, images, load_script, mistral_tokenizer
 from safetensors.torch import load_file
 
-from lineofsight.harvest import TOKEN_TYPES, Harvester
+from lineofsight.data import SkipCounter, read_sharegpt4v
+from lineofsight.harvest import TOKEN_TYPES, Harvester, record_batches
 
 
 def _run(args: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
@@ -126,7 +127,8 @@ def test_kill_9_then_resume_equals_uninterrupted_run(small_world, tmp_path):
     step = int((run / "checkpoints" / "latest").read_text().strip().split("-")[1])
     assert 0 < step < 24
 
-    resumed = _run([sys.executable, *common, "--out", str(run), "--resume"])
+    # Resumed without background image decoding: how images are loaded changes nothing.
+    resumed = _run([sys.executable, *common, "--out", str(run), "--resume", "--load-threads", "0"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     a, b = _weights(tmp_path / "full"), _weights(run)
@@ -149,6 +151,28 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(small_world, tmp_pat
     skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped"]
     assert skipped["counts"]["missing"] >= 1 and skipped["counts"]["corrupt"] >= 1
     assert "skipped" in proc.stdout and "missing" in proc.stdout
+
+
+def test_background_image_decoding_yields_the_same_batches_and_skips(small_world, tmp_path):
+    """Threads decode ahead; batches, their order and the skip counts are those of plain loading."""
+    records = json.loads((small_world / "sharegpt4v.json").read_text())[:9]
+    shutil.copytree(small_world / "sharegpt4v", tmp_path / "sharegpt4v")
+    (tmp_path / "sharegpt4v" / "broken.png").write_bytes(b"not a png")
+    records[2] = {**records[2], "image": "sharegpt4v/missing.png"}
+    records[6] = {**records[6], "image": "sharegpt4v/broken.png"}
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    recs = read_sharegpt4v(tmp_path / "data.json")
+    order = [8, 2, 5, 0, 6, 7, 1, 3, 4]
+    runs = {}
+    for threads in (0, 3):
+        skips = SkipCounter()
+        got = [(idx, captions, [im.tobytes() for im in ims])
+               for idx, captions, ims in record_batches(recs, order, tmp_path, 2, skips, threads=threads)]
+        runs[threads] = (got, skips.to_dict())
+    assert runs[3] == runs[0]
+    got, skipped = runs[0]
+    assert [i for idx, _, _ in got for i in idx] == [8, 5, 0, 7, 1, 3, 4]
+    assert skipped["counts"] == {"missing": 1, "corrupt": 1}
 
 
 @pytest.mark.parametrize("extra, message", [
