@@ -93,10 +93,11 @@ def keep_freed_cpu_memory() -> bool:
     By default glibc serves every allocation above 128 KiB (raised adaptively, at most 32 MiB)
     with a fresh ``mmap`` and gives it back on ``free``, and trims the heap top likewise, so each
     forward pass at batch size > 1 faults its activation buffers in again page by page. On the
-    2-core CPU this project is tested on that was 30-40 % of a batch-16 forward of the toy
-    model (``scripts/benchmark.py`` rows, with and without). Raising both thresholds makes freed
-    buffers reusable; the price is that the process keeps its peak heap until it exits. CUDA
-    memory has torch's own caching allocator and needs nothing.
+    2-core CPU this project is tested on, ten batch-16 forwards of the toy model took 111,712
+    minor page faults without this setting and 57 with it, and extracting 32 images at batch 16
+    took about 145 ms instead of 100 ms. Raising both thresholds makes freed buffers reusable;
+    the price is that the process keeps its peak heap until it exits. CUDA memory has torch's
+    own caching allocator and needs nothing.
 
     Idempotent; returns whether the setting took (False off glibc, e.g. on macOS), and can be
     turned off with ``LINEOFSIGHT_KEEP_CPU_MEMORY=0``.

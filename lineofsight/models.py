@@ -299,7 +299,6 @@ def format_prompt(processor: Any, question: str, image: bool = True) -> str:
     return f"[INST] {question} [/INST]"
 
 
-
 def vlm_inputs(model: nn.Module, processor: Any, images: list[Any], prompts: list[str]) -> dict[str, Any]:
     """Model inputs for a batch of (image, prompt) rows, on the model's device.
 

@@ -161,7 +161,7 @@ def evaluate(model: Any, sae: Any, harvester: Any, batches: Any, dense_threshold
         for run, logits_BTV in zip(runs, logits.unflatten(0, (len(runs), ids.shape[0]))):
             value, count = caption_nll(logits_BTV, ids, caption)
             nll[run] += value
-        n_caption += count
+        n_caption += count  # the same caption tokens in every run
         codes = kind[keep]
         for g, sel in (("image", codes == image_code), ("text_in_context", codes == text_code)):
             x_kept, x_hat, latents = (encoded[key][sel] for key in ("x_kept", "x_hat", "latents"))
