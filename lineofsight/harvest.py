@@ -237,8 +237,6 @@ class ImageLoader:
 
     def close(self) -> None:
         """Drop what was scheduled and not taken; stop the threads."""
-        for future in self.pending.values():
-            future.cancel()
         self.pending.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)

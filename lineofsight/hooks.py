@@ -293,6 +293,7 @@ def fork_batch(
         if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[0] == state["B"]:
             key = id(value)
             if key not in state["memo"]:  # the same mask / rotary tables reach every block
+                # (the original is kept alongside, so that its id cannot be reused this forward)
                 state["memo"][key] = (value, value.repeat(state["V"], *([1] * (value.dim() - 1))))
             return state["memo"][key][1]
         if value is not None and hasattr(value, "get_seq_length"):

@@ -150,6 +150,7 @@ class OnlineSource:
         import torch
 
         from lineofsight.data import SkipCounter
+        from lineofsight.harvest import ImageLoader
 
         self.cfg, self.harvester, self.records = cfg, harvester, records
         self.rank, self.world, self.device = rank, world, device
@@ -160,8 +161,6 @@ class OnlineSource:
         self.types = torch.zeros(0, dtype=torch.uint8)
         self.image_root = cfg.image_root or cfg.data.parent
         self._order: list[int] | None = None
-        from lineofsight.harvest import ImageLoader
-
         self.loader = ImageLoader(records, self.image_root, cfg.load_threads)
 
     def _my_records(self) -> list[int]:

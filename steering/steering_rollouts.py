@@ -114,11 +114,9 @@ def mean_residual_norm(model: Any, processor: Any, images: list[Any], prompt: st
     import torch
 
     from lineofsight.hooks import Trace
-    from lineofsight.models import image_token_mask, residual_site
+    from lineofsight.models import image_token_mask, residual_site, vlm_inputs
 
-    inputs = processor(text=[prompt] * len(images), images=images, return_tensors="pt", padding=True)
-    inputs = inputs.to(next(model.parameters()).device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = vlm_inputs(model, processor, images, [prompt] * len(images))
     with torch.no_grad(), Trace(model, residual_site(model, layer), retain_input=True, retain_output=False,
                                 stop=True) as tr:
         model(**inputs)

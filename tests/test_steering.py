@@ -230,3 +230,17 @@ def test_greedy_decode_equals_generate(tiny_models, positions):
     first = int((ref[0] == eos).nonzero()[0])
     assert cut[0, : first + 1].tolist() == ref[0, : first + 1].tolist()
     assert (cut[0, first + 1 :] == tok.pad_token_id).all()
+
+
+def test_mean_residual_norm_for_normalize_is_the_image_token_mean(tiny_models):
+    """--normalize's scale: the mean norm of hidden_states[layer] over exactly the image tokens."""
+    model, processor = tiny_models("next-mistral")
+    processor.tokenizer.padding_side = "left"
+    ims = images([(64, 64), (48, 80), (64, 64)])
+    prompt = format_prompt(processor, "What is shown in this image?")
+    got = rollouts_script.mean_residual_norm(model, processor, ims, prompt, 2)
+    inputs = processor(text=[prompt] * 3, images=ims, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[2]
+    want = hidden[image_token_mask(inputs["input_ids"], model)].norm(dim=-1).mean()
+    assert got == pytest.approx(float(want), rel=1e-5)
