@@ -12,12 +12,30 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lineofsight.cli import UserError
 
-__all__ = ["cache_dir_for", "find_cache", "key_hash", "open_cache", "pending_shards", "read_activation_cache",
-           "shard_path"]
+if TYPE_CHECKING:
+    from lineofsight.run import Run
+
+__all__ = [
+    "CACHE_OUTPUTS",
+    "TOKEN_CACHE_VERSION",
+    "cache_dir_for",
+    "find_cache",
+    "key_hash",
+    "open_cache",
+    "pending_shards",
+    "read_activation_cache",
+    "read_token_cache",
+    "shard_path",
+    "summarise_activation_shards",
+    "summarise_token_shards",
+    "write_activation_shard",
+    "write_cache_metadata",
+    "write_token_shard",
+]
 
 
 def key_hash(key: dict[str, Any]) -> str:
@@ -25,17 +43,27 @@ def key_hash(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_dir_for(out: Path, key: dict[str, Any], overwrite: bool, prefix: str) -> Path:
+CACHE_OUTPUTS = ("config.json", "metadata.json", "shard-*.safetensors")
+"""What a cache folder holds (the patterns ``--overwrite`` removes; see :mod:`lineofsight.run`)."""
+
+
+def cache_dir_for(out: Path, key: dict[str, Any], prefix: str) -> Path:
     """``out`` itself when it is a cache folder of this config, else ``out/<prefix>-<hash>``.
 
-    An ``out`` that is a cache of a *different* config is refused (:class:`UserError`) unless
-    ``overwrite`` is set.
+    An ``out`` that is a cache of a *different* config is refused (:class:`UserError`): pass its
+    parent folder, where each config gets its own cache folder.
     """
     digest = key_hash(key)
     own = out / "config.json"
     if own.is_file():
-        theirs = json.loads(own.read_text()).get("key", {})
-        if key_hash(theirs) != digest and not overwrite:
+        try:
+            theirs = json.loads(own.read_text()).get("key", {})
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            theirs = None
+        if not isinstance(theirs, dict) or not theirs:
+            raise UserError(f"--out {out} holds a config.json that is not an activation cache's; "
+                            "choose another --out")
+        if key_hash(theirs) != digest:
             changed = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
             raise UserError(
                 f"--out {out} holds a cache of a different config (differs in: {', '.join(changed)}); "
@@ -45,28 +73,25 @@ def cache_dir_for(out: Path, key: dict[str, Any], overwrite: bool, prefix: str) 
     return out / f"{prefix}-{digest}"
 
 
-def open_cache(out: Path, key: dict[str, Any], overwrite: bool, prefix: str,
+def open_cache(run: Run, out: Path, key: dict[str, Any], overwrite: bool, prefix: str,
                extra_config: dict[str, Any] | None = None) -> tuple[Path, bool]:
     """The cache folder of ``key`` under ``out``, ready for shards, and whether it is already complete.
 
-    Rank 0 deletes it first with ``overwrite`` and writes ``config.json`` (the key, plus
-    ``extra_config``) into a new one; every rank returns after a barrier. Works in one process too.
+    A complete cache is reused as it is (nothing is written). Otherwise ``run`` takes the folder
+    (:meth:`lineofsight.run.Run.open`): a cache folder is addressed by its config, so an
+    interrupted one of the same config is resumed, and ``overwrite`` starts it again (only a
+    cache this script wrote). Rank 0 then writes ``config.json`` (the key, plus ``extra_config``);
+    every rank returns after a barrier. Works in one process too.
     """
-    import shutil
-
     from lineofsight import dist
     from lineofsight.io import write_json
 
-    cache = cache_dir_for(out, key, overwrite, prefix=prefix)
-    if overwrite and dist.is_main() and cache.exists():
-        shutil.rmtree(cache)
-    dist.barrier()
-    if (cache / "metadata.json").is_file():
+    cache = cache_dir_for(out, key, prefix=prefix)
+    if (cache / "metadata.json").is_file() and not overwrite:
         return cache, True
-    if dist.is_main():
-        cache.mkdir(parents=True, exist_ok=True)
-        if not (cache / "config.json").is_file():
-            write_json(cache / "config.json", {"key": key, **(extra_config or {})})
+    run.open(cache, overwrite=overwrite, resume=not overwrite)
+    if dist.is_main() and not (cache / "config.json").is_file():
+        write_json(cache / "config.json", {"key": key, **(extra_config or {})})
     dist.barrier()
     return cache, False
 
@@ -102,6 +127,48 @@ def find_cache(path: Path | str, prefix: str) -> Path:
     raise UserError(f"{path} holds {len(found)} caches; pass one of: {', '.join(str(p) for p in found)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Pooled-activation cache (probes/compute_image_activations.py): one row per image
+# ---------------------------------------------------------------------------------------------
+
+
+def write_activation_shard(cache: Path, shard: int, acts_NLD: Any, labels_N: Any, item_index_N: Any,
+                           paths: list[str], skipped: dict[str, Any]) -> Path:
+    """Shard ``shard`` of a pooled-activation cache: ``acts [n_images, n_layers, d_model]``, ``labels``,
+    ``item_index``, and the image paths and skip counts in the safetensors metadata (atomic)."""
+    from lineofsight.io import save_tensors
+
+    return save_tensors(shard_path(cache, shard), {"acts": acts_NLD, "labels": labels_N, "item_index": item_index_N},
+                        {"paths": json.dumps(paths), "skipped": json.dumps(skipped)})
+
+
+def summarise_activation_shards(cache: Path, n_shards: int) -> dict[str, Any]:
+    """Image count, d_model, shard names and the summed skips, from the shards' headers (cheap)."""
+    from safetensors import safe_open
+
+    from lineofsight.data import SkipCounter
+
+    skips = SkipCounter()
+    n_images, d_model, shards = 0, None, []
+    for shard in range(n_shards):
+        path = shard_path(cache, shard)
+        with safe_open(str(path), framework="pt") as f:
+            skips.merge(json.loads(f.metadata()["skipped"]))
+            shape = f.get_slice("acts").get_shape()
+        n_images += shape[0]
+        d_model = shape[2]
+        shards.append(path.name)
+    return {"n_images": n_images, "d_model": d_model, "shards": shards, "skipped": skips.to_dict(),
+            "skipped_summary": skips.summary()}
+
+
+def write_cache_metadata(cache: Path, metadata: dict[str, Any]) -> Path:
+    """``metadata.json``, written last: it marks the cache complete."""
+    from lineofsight.io import write_json
+
+    return write_json(cache / "metadata.json", metadata)
+
+
 def read_activation_cache(cache: Path | str) -> dict[str, Any]:
     """Load a complete pooled-activation cache (probes/compute_image_activations.py).
 
@@ -120,3 +187,81 @@ def read_activation_cache(cache: Path | str) -> dict[str, Any]:
             labels.append(f.get_tensor("labels"))
             paths += json.loads(f.metadata()["paths"])
     return {"acts": torch.cat(acts), "labels": torch.cat(labels), "paths": paths, "meta": meta}
+
+
+# ---------------------------------------------------------------------------------------------
+# Token cache (sae/cache_activations.py writes it, sae/sae-trainer.py reads it): one row per token
+# ---------------------------------------------------------------------------------------------
+
+TOKEN_CACHE_VERSION = 1
+"""Part of every token cache's key: a new shard layout gets a new version (and so a new folder)."""
+
+
+def write_token_shard(cache: Path, shard: int, tokens: Any, skipped: dict[str, Any]) -> Path:
+    """Shard ``shard`` of a token cache, written atomically: the tensors of a
+    :class:`lineofsight.harvest.TokenBatch` (``acts [n_tokens, n_layers, d_model]``, ``token_type``
+    (0 image, 1 text_in_context, 2 text_only), ``sample`` (record index), ``token_id``,
+    ``type_index``) and the skip counts (:meth:`lineofsight.data.SkipCounter.to_dict`) in the metadata."""
+    from lineofsight.io import save_tensors
+
+    return save_tensors(shard_path(cache, shard), tokens.to_dict(), {"skipped": json.dumps(skipped)})
+
+
+def summarise_token_shards(cache: Path, n_shards: int) -> dict[str, Any]:
+    """d_model, token counts (overall and by type), shard names and the summed skips of the shards:
+    the part of a token cache's ``metadata.json`` that the shards determine."""
+    import torch
+    from safetensors import safe_open
+
+    from lineofsight.data import SkipCounter
+    from lineofsight.harvest import TOKEN_TYPES
+
+    skips = SkipCounter()
+    counts = torch.zeros(len(TOKEN_TYPES), dtype=torch.long)
+    d_model, shards = None, []
+    for shard in range(n_shards):
+        path = shard_path(cache, shard)
+        with safe_open(str(path), framework="pt") as f:
+            skips.merge(json.loads(f.metadata()["skipped"]))
+            counts += torch.bincount(f.get_tensor("token_type").long(), minlength=len(TOKEN_TYPES))
+            d_model = f.get_slice("acts").get_shape()[2]
+        shards.append(path.name)
+    return {"d_model": d_model, "token_types": list(TOKEN_TYPES), "n_tokens": int(counts.sum()),
+            "n_tokens_by_type": dict(zip(TOKEN_TYPES, counts.tolist(), strict=True)), "shards": shards,
+            "skipped": skips.to_dict(), "skipped_summary": skips.summary()}
+
+
+def read_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]
+                     ) -> tuple[Any, Any, int, dict[str, Any]]:
+    """The tokens of ``types`` at ``layer`` (default: the cache's first layer) of a complete token cache.
+
+    ``path`` is the cache folder or the ``--out`` given to sae/cache_activations.py. Returns
+    ``(acts [N, d_model] float32, token_type [N] uint8, layer, metadata.json)``; a layer the cache
+    does not hold, or no tokens of ``types``, is a :class:`UserError`.
+    """
+    import torch
+    from safetensors import safe_open
+
+    from lineofsight.harvest import TOKEN_TYPES
+
+    bad = sorted(set(types) - set(TOKEN_TYPES))
+    if bad:
+        raise UserError(f"unknown token type(s) {', '.join(bad)}; valid: {', '.join(TOKEN_TYPES)}")
+    cache = find_cache(path, "tokens")
+    meta = json.loads((cache / "metadata.json").read_text())
+    layer = meta["layers"][0] if layer is None else layer
+    if layer not in meta["layers"]:
+        raise UserError(f"--activations {cache} holds layers {meta['layers']}, not --layer {layer}")
+    col = meta["layers"].index(layer)
+    codes = torch.tensor([TOKEN_TYPES.index(t) for t in types], dtype=torch.uint8)
+    acts, kinds = [], []
+    for name in meta["shards"]:
+        with safe_open(str(cache / name), framework="pt") as f:
+            token_type = f.get_tensor("token_type")
+            keep = torch.isin(token_type, codes)
+            acts.append(f.get_slice("acts")[:, col : col + 1, :][keep, 0].float())
+            kinds.append(token_type[keep])
+    acts_ND, types_N = torch.cat(acts), torch.cat(kinds)
+    if len(types_N) == 0:
+        raise UserError(f"--activations {cache} holds no tokens of types {', '.join(types)}")
+    return acts_ND, types_N, layer, meta

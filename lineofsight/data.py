@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from lineofsight.cli import UserError
+from lineofsight.models import Dtype
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -29,6 +30,8 @@ __all__ = [
     "SkipCounter",
     "imagenet_items",
     "load_image",
+    "pair_key",
+    "parse_pair",
     "read_class_pairs",
     "read_sharegpt4v",
     "select_classes",
@@ -103,6 +106,19 @@ def select_classes(index: ClassIndex, spec: str) -> list[int]:
     return list(dict.fromkeys(labels))
 
 
+def pair_key(src: str, tgt: str) -> str:
+    """The ``src@tgt`` spelling of a class pair (pairs files, steering-vector keys, rollouts)."""
+    return f"{src}@{tgt}"
+
+
+def parse_pair(text: str) -> tuple[str, str] | None:
+    """``"src@tgt"`` -> ``(src, tgt)``; None when it is not of that form."""
+    src, sep, tgt = text.strip().partition("@")
+    if not sep or not src.strip() or not tgt.strip() or "@" in tgt:
+        return None
+    return src.strip(), tgt.strip()
+
+
 def read_class_pairs(path: Path | str, index: ClassIndex | None = None) -> list[tuple[str, str]]:
     """``src@tgt`` lines -> ``[(src, tgt)]``; names are checked against ``index`` when given."""
     path = Path(path)
@@ -113,12 +129,12 @@ def read_class_pairs(path: Path | str, index: ClassIndex | None = None) -> list[
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        src, sep, tgt = line.partition("@")
-        if not sep or not src.strip() or not tgt.strip():
+        pair = parse_pair(line)
+        if pair is None:
             raise UserError(f"{path}:{n}: expected 'src@tgt', got {line!r}")
         if index is not None:
-            index.label(src), index.label(tgt)
-        pairs.append((src.strip(), tgt.strip()))
+            index.label(pair[0]), index.label(pair[1])
+        pairs.append(pair)
     if not pairs:
         raise UserError(f"pairs file {path} lists no pairs")
     return pairs
@@ -249,7 +265,7 @@ def read_sharegpt4v(path: Path | str, limit: int | None = None) -> list[CaptionR
 
 
 def _toy_captions() -> Path:
-    from lineofsight.toy import TOY_WORLD_DIR
+    from lineofsight.paths import TOY_WORLD_DIR
 
     return TOY_WORLD_DIR / "sharegpt4v.json"
 
@@ -272,18 +288,16 @@ class HeldOutRecords:
     """Records per forward pass."""
     max_caption_tokens: int = 128
     """Caption tokens kept per pass."""
-    dtype: str = "float32"
-    """Model dtype: float32, bfloat16 or float16."""
+    dtype: Dtype = "float32"
+    """Model dtype."""
     device: str | None = None
-    """Device (default: GPU if there is one, else cpu)."""
+    """Device: cpu, cuda or cuda:N (default: GPU if there is one, else cpu)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_caption_tokens < 1:
             raise UserError("--batch-size and --max-caption-tokens must be positive")
         if self.offset < 0 or (self.limit is not None and self.limit < 1):
             raise UserError("--offset must be >= 0 and --limit positive")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
 
     def read_records(self) -> list[CaptionRecord]:
         """The records ``[offset : offset + limit]`` of ``--data``; :class:`UserError` when none are left."""

@@ -24,6 +24,7 @@ __all__ = [
     "all_reduce",
     "barrier",
     "broadcast",
+    "broadcast_object",
     "cleanup",
     "is_main",
     "keep_freed_cpu_memory",
@@ -170,6 +171,15 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if _active():
         torch_dist.broadcast(tensor, src=src)
     return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not _active():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -25,10 +25,10 @@ import torch
 from lineofsight.cli import UserError
 from lineofsight.hooks import TraceDict
 from lineofsight.models import format_prompt, image_token_mask, residual_site
+from lineofsight.prompts import CAPTION_QUESTION
 
-__all__ = ["CAPTION_QUESTION", "TOKEN_TYPES", "Harvester", "ImageLoader", "TokenBatch", "record_batches"]
+__all__ = ["TOKEN_TYPES", "Harvester", "ImageLoader", "TokenBatch", "record_batches"]
 
-CAPTION_QUESTION = "What is shown in this image?"
 TOKEN_TYPES: tuple[str, ...] = ("image", "text_in_context", "text_only")
 """Token-type codes: index in this tuple (``image`` = 0, ``text_in_context`` = 1, ``text_only`` = 2)."""
 
@@ -52,6 +52,13 @@ class TokenBatch:
     @staticmethod
     def cat(batches: Sequence[TokenBatch]) -> TokenBatch:
         return TokenBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(TokenBatch)))
+
+    @staticmethod
+    def empty(n_layers: int, d_model: int, dtype: torch.dtype = torch.float32) -> TokenBatch:
+        """No tokens (``acts [0, n_layers, d_model]``): what a shard of unreadable records holds."""
+        long = torch.zeros(0, dtype=torch.long)
+        return TokenBatch(torch.zeros(0, n_layers, d_model, dtype=dtype), torch.zeros(0, dtype=torch.uint8), long,
+                          long.clone(), long.clone())
 
     def select(self, index: torch.Tensor) -> TokenBatch:
         return TokenBatch(*(getattr(self, f.name)[index] for f in dataclasses.fields(TokenBatch)))

@@ -5,7 +5,7 @@ Scripts never walk attribute chains such as ``model.model.language_model.layers`
 (transformers 5 moved them, and other backbones name them differently); they ask:
 
 - :func:`load_vlm` -- model + processor from an HF id, a local ``save_pretrained``
-  directory, or ``"toy"`` (the embedded default, see :mod:`lineofsight.toy`).
+  directory, or ``"toy"`` (the embedded default in ``data/toy/model``).
 - :func:`layer_names` -- dotted names of the text decoder blocks, found by structure
   (the ``ModuleList`` of length ``num_hidden_layers`` next to the token embedding).
 - :func:`residual_site` -- where to read or edit the residual stream at ``layer``.
@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from lineofsight.cli import UserError
+from lineofsight.paths import TOY_MODEL_DIR
+from lineofsight.prompts import MISTRAL_PROMPT, MISTRAL_TEXT_PROMPT
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
-    "MISTRAL_PROMPT",
+    "Dtype",
     "check_layer",
     "final_norm_name",
     "format_prompt",
@@ -43,16 +45,16 @@ __all__ = [
     "layer_names",
     "load_vlm",
     "n_layers",
+    "position_ids",
     "residual_site",
     "resolve_model_path",
     "text_config",
     "vlm_inputs",
 ]
 
-#: The LLaVA-NeXT-Mistral prompt, used when a processor has no chat template.
-MISTRAL_PROMPT = "[INST] {image}\n{question} [/INST]"
-
-DTYPES = ("float32", "bfloat16", "float16")
+Dtype = Literal["float32", "bfloat16", "float16"]
+"""A model or storage dtype, as every script's ``--dtype`` / ``--save-dtype`` spells it."""
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 # Substrings of module names that belong to the vision side of a VLM.
 _VISION_PARTS = ("vision", "visual", "multi_modal_projector", "image_newline")
@@ -76,8 +78,6 @@ def resolve_model_path(model: str) -> str:
     treated as a Hugging Face hub id.
     """
     if model == "toy":
-        from lineofsight.toy import TOY_MODEL_DIR
-
         if not (Path(TOY_MODEL_DIR) / "config.json").is_file():
             raise UserError(
                 f"the toy model is missing from {TOY_MODEL_DIR}; regenerate it with "
@@ -296,7 +296,13 @@ def format_prompt(processor: Any, question: str, image: bool = True) -> str:
         )
     if image:
         return MISTRAL_PROMPT.format(image=image_token, question=question)
-    return f"[INST] {question} [/INST]"
+    return MISTRAL_TEXT_PROMPT.format(question=question)
+
+
+def position_ids(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Position ids counted over each row's real tokens, so a left-padded row gets the positions it
+    would have alone (a forward without them numbers the pads too and shifts every rotary angle)."""
+    return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def vlm_inputs(model: nn.Module, processor: Any, images: list[Any], prompts: list[str]) -> dict[str, Any]:

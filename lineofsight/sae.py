@@ -375,9 +375,9 @@ class SparseAutoencoder(nn.Module):
 
 def check_sae_fits(sae: Any, model: Any, model_source: str, layer: int | None) -> int:
     """The SAE's width and layer must fit the model; returns the layer to read."""
-    from lineofsight.models import check_layer
+    from lineofsight.models import check_layer, text_config
 
-    d_model = model.config.get_text_config(decoder=True).hidden_size
+    d_model = text_config(model).hidden_size
     if sae.cfg.d_in != d_model:
         raise UserError(f"SAE width d_in {sae.cfg.d_in} does not match the model's d_model {d_model}")
     if sae.cfg.model and Path(sae.cfg.model).name != Path(model_source).name:
@@ -400,21 +400,3 @@ def load_sae(path: Path, device: Any) -> Any:
     except SAEError as err:
         raise UserError(f"--sae: {err}") from None
 
-
-def saelens_reconstruct(folder: Path | str, x: torch.Tensor) -> torch.Tensor:
-    """Reconstruct ``x`` with an exported SAELens folder using SAELens' formulas (no SAELens needed):
-    what the round-trip test compares against."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    cfg = json.loads((folder / "cfg.json").read_text())
-    w = load_file(folder / "sae_weights.safetensors")
-    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    if cfg["architecture"] == "standard":
-        f = F.relu(pre)
-    elif cfg["architecture"] == "jumprelu":
-        f = F.relu(pre) * (pre > w["threshold"])
-    else:
-        vals, idx = pre.topk(cfg["activation_fn_kwargs"]["k"], dim=-1)
-        f = torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
-    return f @ w["W_dec"] + w["b_dec"]

@@ -19,14 +19,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lineofsight.cli import UserError
-from lineofsight.hooks import Trace
+from lineofsight.data import pair_key, parse_pair
 from lineofsight.models import image_token_mask, residual_site
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Positions", "load_vectors", "paper_strengths", "steer", "steering_mask"]
+    from lineofsight.hooks import Trace
+
+__all__ = ["ROLLOUTS_FILE", "ROLLOUT_OUTPUTS", "Positions", "append_rollouts", "load_vectors", "merge_rollouts",
+           "paper_strengths", "read_rollout_folder", "read_rollouts", "rollout_key", "save_vectors", "steer",
+           "steering_mask", "vector_key", "vector_pairs"]
 
 Positions = Literal["image", "prompt", "all"]
 
@@ -63,6 +67,8 @@ def steer(
     """
     import torch
 
+    from lineofsight.hooks import Trace
+
     mask_BT = steering_mask(model, input_ids_BT, attention_mask_BT, positions)
     prompt_len = input_ids_BT.shape[1]
 
@@ -89,15 +95,135 @@ def paper_strengths() -> list[float]:
     return [round(float(k), 6) for k in np.linspace(0, 30, 20)]
 
 
+VECTORS_FILE, VECTORS_INDEX = "vectors.safetensors", "vectors.json"
+
+
+def vector_key(src: str, tgt: str, layer: int) -> str:
+    """Key of one vector in ``vectors.safetensors``: ``"{src}@{tgt}/{layer}"``."""
+    return f"{pair_key(src, tgt)}/{layer}"
+
+
+def save_vectors(folder: Path, vectors: dict[tuple[str, str, int], torch.Tensor], info: dict[str, Any]) -> None:
+    """Write a steering-vector folder: ``vectors.safetensors`` (``{(src, tgt, layer): v [d_model]}``,
+    float32) and ``vectors.json`` (``info`` plus the derived ``layers``, ``pairs`` and ``d_model``).
+
+    The one writer of the format; :func:`load_vectors` is its reader.
+    """
+    import torch
+
+    from lineofsight.io import save_tensors, write_json
+
+    if not vectors:
+        raise ValueError("no steering vectors to save")
+    pairs = list(dict.fromkeys(pair_key(src, tgt) for src, tgt, _ in vectors))
+    layers = list(dict.fromkeys(layer for _, _, layer in vectors))
+    d_model = {int(v.shape[-1]) for v in vectors.values()}
+    if len(d_model) != 1:
+        raise ValueError(f"steering vectors of different widths: {sorted(d_model)}")
+    save_tensors(folder / VECTORS_FILE, {vector_key(*key): v.to(torch.float32) for key, v in vectors.items()},
+                 {"method": str(info.get("method", ""))})
+    write_json(folder / VECTORS_INDEX, {**info, "layers": layers, "pairs": pairs, "d_model": d_model.pop()})
+
+
+def vector_pairs(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The ``(src, tgt)`` pairs of a ``vectors.json``, in order."""
+    pairs = [parse_pair(p) for p in info.get("pairs", [])]
+    if any(p is None for p in pairs):
+        raise UserError(f"vectors.json lists a pair that is not of the form src@tgt: {info.get('pairs')}")
+    return pairs  # type: ignore[return-value]
+
+
 def load_vectors(vectors_dir: Path, layer: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``{"src@tgt": v}`` at ``layer`` from steering/compute_steering_vectors.py's folder, and its JSON."""
+    """``{"src@tgt": v}`` at ``layer`` from a folder written by :func:`save_vectors`, and its ``vectors.json``."""
     from safetensors.torch import load_file
 
-    index_path = vectors_dir / "vectors.json"
+    index_path = vectors_dir / VECTORS_INDEX
     if not index_path.is_file():
-        raise UserError(f"--vectors {vectors_dir} has no vectors.json; run steering/compute_steering_vectors.py")
+        raise UserError(f"--vectors {vectors_dir} has no {VECTORS_INDEX}; run steering/compute_steering_vectors.py")
     info = json.loads(index_path.read_text())
     if layer not in info["layers"]:
         raise UserError(f"--layer {layer}: the vectors in {vectors_dir} are for layers {info['layers']}")
-    tensors = load_file(vectors_dir / "vectors.safetensors")
+    tensors = load_file(vectors_dir / VECTORS_FILE)
     return {key.rsplit("/", 1)[0]: v for key, v in tensors.items() if key.endswith(f"/{layer}")}, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts (steering/steering_rollouts.py): one JSON record per steered generation
+# ---------------------------------------------------------------------------------------------
+
+ROLLOUTS_FILE = "rollouts.jsonl"
+ROLLOUT_OUTPUTS = (ROLLOUTS_FILE, "rollouts.rank*.jsonl")
+"""The files of this format in a rollouts folder: the merged file and torchrun ranks' part files."""
+
+
+def rollout_key(rec: dict[str, Any]) -> tuple:
+    """What identifies a rollout: pair, layer, k, prompt, image and positions."""
+    return (rec["src"], rec["tgt"], rec["layer"], round(float(rec["k"]), 6), rec["prompt_id"], rec["image"],
+            rec["positions"])
+
+
+def read_rollouts(path: Path) -> list[dict[str, Any]]:
+    """The records of one rollouts file. A last line without its newline is a write cut by a kill
+    and is left out (the unit is simply redone); any other bad line is a :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    lines.pop()  # "" when the file ends with a newline, else a torn last write
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            rollout_key(rec)
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{n} is not a rollout record") from None
+        records.append(rec)
+    return records
+
+
+def read_rollout_folder(folder: Path) -> dict[tuple, dict[str, Any]]:
+    """Every rollout in ``folder`` (merged file first, then torchrun part files), by :func:`rollout_key`."""
+    done: dict[tuple, dict[str, Any]] = {}
+    for path in [folder / ROLLOUTS_FILE, *sorted(folder.glob("rollouts.rank*.jsonl"))]:
+        if path.is_file():
+            for rec in read_rollouts(path):
+                done.setdefault(rollout_key(rec), rec)
+    return done
+
+
+@contextmanager
+def append_rollouts(path: Path) -> Iterator[Any]:
+    """A ``write(records)`` function appending whole lines to ``path``, flushed per call. A torn last
+    line left by a kill is cut off first, so the next record never glues onto it."""
+    path = Path(path)
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    with path.open("a") as sink:
+
+        def write(records: list[dict[str, Any]]) -> None:
+            sink.write("".join(json.dumps(r) + "\n" for r in records))
+            sink.flush()
+
+        yield write
+
+
+def merge_rollouts(folder: Path, units: list[dict[str, Any]]) -> int:
+    """Merge ``folder``'s part files into ``rollouts.jsonl`` (atomically) and remove them; returns the
+    number of records in it. Nothing is dropped: records of other configs (other layers, k, pairs)
+    keep their order first, then this run's ``units`` in their order."""
+    from lineofsight.io import atomic_write_text
+
+    merged = read_rollout_folder(folder)
+    order = {rollout_key(u): i for i, u in enumerate(units)}
+    others = [r for key, r in merged.items() if key not in order]
+    ours = sorted((r for key, r in merged.items() if key in order), key=lambda r: order[rollout_key(r)])
+    atomic_write_text(folder / ROLLOUTS_FILE, "".join(json.dumps(r) + "\n" for r in others + ours))
+    for part in folder.glob("rollouts.rank*.jsonl"):
+        part.unlink()
+    return len(others) + len(ours)

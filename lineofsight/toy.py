@@ -1,4 +1,4 @@
-"""The embedded default: a synthetic shape world and a toy LLaVA-NeXT trained on it.
+"""The embedded default: a synthetic shape world, and how a VLM trained on it is evaluated.
 
 The world is a seeded generator of 64x64 images with one coloured shape each (``CLASSES`` x
 ``COLOURS`` x ``SIZES`` x ``BACKGROUNDS``, random position and tilt). :func:`generate_world`
@@ -6,13 +6,13 @@ writes it in the layouts the real data uses (an ImageNet folder with
 ``imagenet_class_index.json``, a ShareGPT4V-style caption JSON, ``class_pairs.txt``), so every
 experiment script runs unchanged on it.
 
-The model is a real ``transformers.LlavaNextForConditionalGeneration`` (CLIP vision tower,
-Mistral text backbone, anyres tiling with ``image_newline``) with a word-level tokenizer and a
-``LlavaNextProcessor`` whose chat template renders ``[INST] <image>\\n{q} [/INST]`` like
-llava-v1.6-mistral. ``scripts/train_toy_vlm.py`` trains it; :func:`evaluate_toy` measures it.
+The toy model (a real ``transformers.LlavaNextForConditionalGeneration`` with a word-level
+tokenizer, committed in ``data/toy/model``) is built and trained by ``scripts/train_toy_vlm.py``
+and loaded like any other model by :func:`lineofsight.models.load_vlm` (``"toy"``);
+:func:`evaluate_toy` measures a model on the world's held-out images.
 
-Nothing here imports torch or transformers at module level, so scripts can import the constants
-without slowing ``--help``.
+Nothing here imports torch or transformers at module level, so scripts can import the world's
+constants without slowing ``--help``.
 """
 
 from __future__ import annotations
@@ -30,12 +30,33 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:
-    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor, PreTrainedTokenizerFast
+from lineofsight import paths
+from lineofsight.cli import UserError
+from lineofsight.data import ClassIndex, imagenet_items, load_image
+from lineofsight.models import format_prompt
+from lineofsight.prompts import CAPTION_QUESTION, FORCED_CHOICE_TEMPLATE, YESNO_TEMPLATE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOY_WORLD_DIR = REPO_ROOT / "data" / "toy" / "world"
-TOY_MODEL_DIR = REPO_ROOT / "data" / "toy" / "model"
+if TYPE_CHECKING:
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+__all__ = [
+    "BACKGROUNDS",
+    "CLASSES",
+    "COLOURS",
+    "SIZES",
+    "ToySample",
+    "WorldConfig",
+    "caption_for",
+    "class_pairs",
+    "ensure_toy_world",
+    "evaluate_toy",
+    "generate_answers",
+    "generate_world",
+    "heldout_samples",
+    "make_samples",
+    "render_sample",
+    "wnid",
+]
 
 # ---------------------------------------------------------------------------------------------
 # The world
@@ -66,16 +87,6 @@ _RADIUS = {"small": (0.2, 0.25), "medium": (0.29, 0.33), "large": (0.37, 0.42)}
 # the training stream never overlaps the held-out or world splits.
 _STREAMS = {"imagenet/train": 1, "imagenet/val": 2, "sharegpt4v": 3, "train": 4, "heldout": 5, "pairs": 6}
 _SUPERSAMPLE = 4
-
-CAPTION_QUESTION = "What is shown in this image?"
-FORCED_CHOICE_TEMPLATE = (
-    'Reply either "{src}" or "{tgt}" in lowercase depending on what is shown in the image. '
-    "Do not output any other text."
-)
-"""The steering efficacy prompt (the answer's first token is the class word itself)."""
-YESNO_TEMPLATE = "Is there a {name} in this image?"
-COLOUR_YESNO_TEMPLATE = "Is the shape {colour}?"
-_EXTRA_WORDS = "yes no"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +274,7 @@ def _write_world(tmp: Path, cfg: WorldConfig) -> None:
 
 
 def generate_world(
-    root: Path | str = TOY_WORLD_DIR,
+    root: Path | str = paths.TOY_WORLD_DIR,
     seed: int = 0,
     *,
     image_size: int = 64,
@@ -320,230 +331,19 @@ def generate_world(
     return root
 
 
-def ensure_toy_world(*paths: Path | str | None) -> None:
-    """Generate the default world (seed 0) when one of ``paths`` points into it and it is missing
+def ensure_toy_world(*candidates: Path | str | None) -> None:
+    """Generate the default world (seed 0) when one of ``candidates`` points into it and it is missing
     or stale: scripts whose defaults are the toy world then work on a fresh checkout."""
-    root = TOY_WORLD_DIR.resolve()
-    for path in paths:
+    root = paths.TOY_WORLD_DIR.resolve()
+    for path in candidates:
         if path is not None and Path(path).resolve().is_relative_to(root):
-            generate_world(TOY_WORLD_DIR)
+            generate_world(paths.TOY_WORLD_DIR)
             return
 
 
-def read_imagenet_split(root: Path | str, split: str = "val", n_per_class: int | None = None) -> list[tuple[Path, int]]:
-    """(image path, label) pairs of an ImageNet-layout split, sorted, at most ``n_per_class`` per class."""
-    inet = Path(root) / "imagenet"
-    index = json.loads((inet / "imagenet_class_index.json").read_text())
-    items: list[tuple[Path, int]] = []
-    for key in sorted(index, key=int):
-        files = sorted((inet / split / index[key][0]).glob("*.png"))
-        items += [(f, int(key)) for f in files[:n_per_class]]
-    return items
-
-
 # ---------------------------------------------------------------------------------------------
-# Tokenizer, processor, model
+# Evaluation
 # ---------------------------------------------------------------------------------------------
-
-SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>", "<image>", "[INST]", "[/INST]")
-IMAGE_TOKEN = "<image>"
-
-# The Mistral-style llava-v1.6 template: images first, then text; no BOS (the tokenizer adds it).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ '[INST] ' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
-    "{%- for item in message['content'] if item['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
-    "{%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] }}{%- endfor -%}"
-    "{%- endif -%}"
-    "{{ ' [/INST]' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- if message['content'] is string -%}{{ ' ' + message['content'] + eos_token }}{%- else -%}"
-    "{{ ' ' + message['content'][0]['text'] + eos_token }}{%- endif -%}"
-    "{%- else -%}{{ raise_exception('Only user and assistant roles are supported') }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-
-def _pre_tokenizer() -> Any:
-    from tokenizers import pre_tokenizers
-
-    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
-
-
-def toy_vocabulary() -> list[str]:
-    """Special tokens, then every word of the world's captions, questions, answers and the steering prompt."""
-    texts = [
-        " ".join(CLASSES + COLOURS + SIZES + BACKGROUNDS),
-        caption_for("circle", "red", "small", "dark"),
-        CAPTION_QUESTION,
-        FORCED_CHOICE_TEMPLATE.format(src="circle", tgt="square"),
-        YESNO_TEMPLATE.format(name="circle"),
-        COLOUR_YESNO_TEMPLATE.format(colour="red"),
-        _EXTRA_WORDS,
-    ]
-    pre = _pre_tokenizer()
-    words = {w for text in texts for w, _ in pre.pre_tokenize_str(text.lower())}
-    return list(SPECIAL_TOKENS) + sorted(words - set(SPECIAL_TOKENS))
-
-
-def build_toy_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level, lowercasing tokenizer; BOS prepended; decodes to space-joined words."""
-    from tokenizers import AddedToken, Tokenizer, models, normalizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(toy_vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = _pre_tokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens=["<image>", "[INST]", "[/INST]"],
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_max_length=1024,
-    )
-
-
-def pinpoints(tile_size: int) -> list[list[int]]:
-    """anyres grid: one tile, two tiles either way, or 2x2 tiles."""
-    t = tile_size
-    return [[t, t], [t, 2 * t], [2 * t, t], [2 * t, 2 * t]]
-
-
-def build_toy_processor(tile_size: int = 32, patch_size: int = 8) -> LlavaNextProcessor:
-    """``LlavaNextProcessor`` matching a toy tower of ``tile_size`` px tiles and ``patch_size`` px patches."""
-    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
-
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": tile_size},
-        crop_size={"height": tile_size, "width": tile_size},
-        image_grid_pinpoints=pinpoints(tile_size),
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=build_toy_tokenizer(),
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        # The CLS token the tower adds; without it the processor's count is one short for "default".
-        num_additional_image_tokens=1,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class ToyModelConfig:
-    """Sizes of the toy LLaVA-NeXT (the defaults are the committed model's)."""
-
-    tile_size: int = 32
-    """vision tower input side in pixels (anyres tiles are this size)"""
-    patch_size: int = 8
-    """vision patch side in pixels"""
-    vision_hidden: int = 64
-    vision_layers: int = 3
-    vision_heads: int = 4
-    vision_intermediate: int = 256
-    text_hidden: int = 128
-    text_layers: int = 6
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 256
-    vision_feature_layer: int = -1
-    """hidden_states index of the tower fed to the projector (-1: last layer, pre post-layernorm)"""
-    tie_word_embeddings: bool = True
-    """share the input embedding and the LM head: a class word's embedding then lives where the
-    model writes the class it sees, which makes "Is there a <class>?" a dot product to learn"""
-
-
-def build_toy_model(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaNextForConditionalGeneration:
-    """Randomly initialised toy ``LlavaNextForConditionalGeneration`` (float32, eval mode)."""
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        MistralConfig,
-    )
-
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden,
-        intermediate_size=cfg.vision_intermediate,
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        image_size=cfg.tile_size,
-        patch_size=cfg.patch_size,
-        projection_dim=cfg.vision_hidden,
-    )
-    text = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.text_hidden,
-        intermediate_size=cfg.text_intermediate,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        num_key_value_heads=cfg.text_kv_heads,
-        head_dim=cfg.text_hidden // cfg.text_heads,
-        max_position_embeddings=1024,
-        sliding_window=None,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-    )
-    config = LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=cfg.vision_feature_layer,
-        image_grid_pinpoints=pinpoints(cfg.tile_size),
-        tie_word_embeddings=cfg.tie_word_embeddings,
-    )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).float().eval()
-    gen = model.generation_config
-    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
-        tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
-    )
-    gen.do_sample = False
-    return model
-
-
-def load_toy(
-    model_dir: Path | str = TOY_MODEL_DIR,
-) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
-    """The saved toy model (eval mode, float32) and its processor, offline."""
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-    model = LlavaNextForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).float().eval()
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    return model, processor
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts and evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-def chat_prompt(processor: LlavaNextProcessor, question: str, image: bool = True) -> str:
-    """``[INST] <image>\\n{question} [/INST]`` (or ``[INST] {question} [/INST]``) via the chat template."""
-    content: list[dict[str, str]] = [{"type": "image"}] if image else []
-    content.append({"type": "text", "text": question})
-    return processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
 
 
 def _words(text: str) -> list[str]:
@@ -565,10 +365,10 @@ def _eval_queries(labels: Sequence[int], seed: int) -> list[_Query]:
     for i, label in enumerate(labels):
         cls = CLASSES[label]
         other = CLASSES[(label + 1 + int(rng.integers(len(CLASSES) - 1))) % len(CLASSES)]
-        src, tgt = (cls, other) if rng.integers(2) == 0 else (other, cls)
+        a, b = (cls, other) if rng.integers(2) == 0 else (other, cls)
         queries += [
             _Query("caption", i, CAPTION_QUESTION, cls),
-            _Query("forced_choice", i, FORCED_CHOICE_TEMPLATE.format(src=src, tgt=tgt), cls),
+            _Query("forced_choice", i, FORCED_CHOICE_TEMPLATE.format(a=a, b=b), cls),
             _Query("yesno", i, YESNO_TEMPLATE.format(name=cls), "yes"),
             _Query("yesno", i, YESNO_TEMPLATE.format(name=other), "no"),
         ]
@@ -615,6 +415,18 @@ def generate_answers(
     return [s.strip() for s in tok.batch_decode(new_BT, skip_special_tokens=True)]
 
 
+def _val_split(world_dir: Path, n_per_class: int) -> tuple[list[Image.Image], list[int]]:
+    """The world's ``imagenet/val`` images and labels: label order, sorted files, at most ``n_per_class`` each."""
+    root = world_dir / "imagenet"
+    index = ClassIndex.read(root)
+    items = imagenet_items(root, "val", range(len(index.names)), index, per_class=n_per_class)
+    images = [load_image(root / item.path) for item in items]
+    unreadable = [item.path for item, image in zip(items, images) if image is None]
+    if unreadable:
+        raise UserError(f"{root}: {len(unreadable)} val images cannot be read, e.g. {unreadable[0]}")
+    return images, [item.label for item in items]
+
+
 def evaluate_toy(
     model: LlavaNextForConditionalGeneration,
     processor: LlavaNextProcessor,
@@ -634,9 +446,7 @@ def evaluate_toy(
     ``n_images`` and ``examples``: (task, question, answer, expected) tuples.
     """
     if isinstance(world_dir_or_samples, (str, Path)):
-        items = read_imagenet_split(world_dir_or_samples, "val", n_per_class)
-        images = [Image.open(p).convert("RGB") for p, _ in items]
-        labels = [label for _, label in items]
+        images, labels = _val_split(Path(world_dir_or_samples), n_per_class)
     else:
         images = [s.image for s in world_dir_or_samples]
         labels = [s.label for s in world_dir_or_samples]
@@ -648,7 +458,7 @@ def evaluate_toy(
         idx = [i for i, q in enumerate(queries) if q.task == task]
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
-            prompts = [chat_prompt(processor, queries[i].question) for i in chunk]
+            prompts = [format_prompt(processor, queries[i].question) for i in chunk]
             outs = generate_answers(model, processor, prompts, [images[queries[i].image_index] for i in chunk], max_new)
             for i, out in zip(chunk, outs):
                 answers[i] = out

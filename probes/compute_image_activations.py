@@ -27,13 +27,15 @@ ImageNet and the 7B on a GPU node (paper: 100 single-word classes x 500 images, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from lineofsight.toy import TOY_WORLD_DIR
+from lineofsight.cache import CACHE_OUTPUTS
+from lineofsight.models import Dtype
+from lineofsight.paths import TOY_WORLD_DIR
+from lineofsight.run import Run, lifecycle
 
 PAPER_LAYERS = (5, 8, 12, 16, 20, 24)
 CACHE_VERSION = 1
@@ -65,9 +67,9 @@ class Config:
     """Images per forward pass."""
     shard_size: int = 256
     """Images per cache shard (the unit of resumption)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = "float32"
     """Model dtype."""
-    save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    save_dtype: Dtype = "float32"
     """dtype of the cached activations."""
     device: str | None = None
     """Device (default: this rank's GPU if there is one, else cpu)."""
@@ -76,7 +78,7 @@ class Config:
     out: Path = Path("runs/acts")
     """Parent folder of the cache (the cache is <out>/acts-<hash>), or an existing cache folder."""
     overwrite: bool = False
-    """Delete and recompute an existing cache of this config."""
+    """Recompute the cache of this config from scratch (only a cache this script wrote is removed). Without it, a complete cache is reused and an interrupted one resumed."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -217,22 +219,26 @@ def extract_inputs(model: Any, inputs: Any, cfg: Config, sites: list[str]) -> An
     return torch.stack(pooled, 1)
 
 
-def main(cfg: Config) -> Path:
-
+@lifecycle("probes/compute_image_activations.py", outputs=CACHE_OUTPUTS, resumable=True)
+def main(cfg: Config, run: Run) -> Path:
     import torch
     from tqdm import tqdm
 
     from lineofsight import dist
-    from lineofsight.cache import open_cache, pending_shards, shard_path
+    from lineofsight.cache import (
+        open_cache,
+        pending_shards,
+        summarise_activation_shards,
+        write_activation_shard,
+        write_cache_metadata,
+    )
     from lineofsight.cli import UserError
     from lineofsight.data import ClassIndex, SkipCounter, imagenet_items, select_classes
-    from lineofsight.io import provenance, save_tensors, write_json
-    from lineofsight.models import check_layer, load_vlm, n_layers, residual_site, resolve_model_path
-
-    start = time.perf_counter()
-    info = dist.setup(seed=0, device=cfg.device)
+    from lineofsight.models import check_layer, n_layers, residual_site, resolve_model_path, text_config
     from lineofsight.toy import ensure_toy_world
 
+    start = time.perf_counter()
+    info = run.setup(seed=0, device=cfg.device)
     ensure_toy_world(cfg.imagenet_dir)
     index = ClassIndex.read(cfg.imagenet_dir)
     labels = select_classes(index, cfg.classes)
@@ -240,7 +246,7 @@ def main(cfg: Config) -> Path:
     if not items:
         raise UserError(f"no images found in {cfg.imagenet_dir / cfg.split} for the selected classes")
     model_source = resolve_model_path(cfg.model)
-    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=info.device)
+    model, processor = run.load_model(cfg.model, cfg.dtype)
     image_token = getattr(processor, "image_token", "<image>")
     if image_token not in cfg.prompt:
         raise UserError(f"--prompt must contain the image token {image_token!r}")
@@ -253,10 +259,9 @@ def main(cfg: Config) -> Path:
     sites = [residual_site(model, layer) for layer in layers]
 
     key = cache_key(cfg, model_source, labels, layers, len(items), items_digest(cfg.imagenet_dir, items))
-    cache, complete = open_cache(cfg.out, key, cfg.overwrite, "acts", {"args": _jsonable(cfg)})
+    cache, complete = open_cache(run, cfg.out, key, cfg.overwrite, "acts", {"args": _jsonable(cfg)})
     if complete:
-        dist.print0(f"reusing the complete cache {cache}")
-        dist.cleanup()
+        run.finish(f"reusing the complete cache {cache}")
         return cache
 
     if cfg.num_workers > 0:  # the workers tokenize; the main process's tokenizer threads are not forked
@@ -266,6 +271,7 @@ def main(cfg: Config) -> Path:
     if len(todo) < len(mine):
         dist.print0(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards of rank 0 already done")
     save_dtype = getattr(torch, cfg.save_dtype)
+    d_model = text_config(model).hidden_size
     progress = tqdm(total=sum(min(cfg.shard_size, len(items) - s * cfg.shard_size) for s in todo),
                     desc="images", unit="img", disable=not info.is_main)
     for shard in todo:
@@ -277,29 +283,25 @@ def main(cfg: Config) -> Path:
         skips = SkipCounter()
         acts, kept = [], []
         for good, inputs, skipped, n_batch in loader:
+            run.check_alive()
             for counts in skipped:
                 skips.merge(counts)
             if good:
                 acts.append(extract_inputs(model, inputs, cfg, sites).to(save_dtype).cpu())
                 kept += good
             progress.update(n_batch)
-        d_model = model.config.get_text_config(decoder=True).hidden_size
-        tensors = {
-            "acts": torch.cat(acts) if acts else torch.zeros(0, len(layers), d_model, dtype=save_dtype),
-            "labels": torch.tensor([items[i].label for i in kept], dtype=torch.long),
-            "item_index": torch.tensor(kept, dtype=torch.long),
-        }
-        meta = {"paths": json.dumps([items[i].path for i in kept]), "skipped": json.dumps(skips.to_dict())}
-        save_tensors(shard_path(cache, shard), tensors, meta)
+        write_activation_shard(
+            cache, shard, torch.cat(acts) if acts else torch.zeros(0, len(layers), d_model, dtype=save_dtype),
+            torch.tensor([items[i].label for i in kept], dtype=torch.long), torch.tensor(kept, dtype=torch.long),
+            [items[i].path for i in kept], skips.to_dict())
     progress.close()
     dist.barrier()
 
-    summary = _summarise(cache, n_shards)  # every rank reads the shard headers (cheap)
+    summary = summarise_activation_shards(cache, n_shards)  # every rank reads the shard headers (cheap)
     if summary["n_images"] == 0:
-        dist.cleanup()
         raise UserError(f"every image was unreadable ({summary['skipped_summary']}); nothing to cache")
     if info.is_main:
-        write_json(cache / "metadata.json", {  # written last: marks the cache complete
+        write_cache_metadata(cache, {
             **summary,
             "layers": layers,
             "pool": cfg.pool,
@@ -307,36 +309,11 @@ def main(cfg: Config) -> Path:
             "class_names": [index.names[label] for label in labels],
             "class_labels": labels,
             "key": key,
-            "provenance": provenance(),
         })
     dist.barrier()
-    dist.print0(
-        f"wrote {cache}: {summary['n_images']} images x {len(layers)} layers x {summary['d_model']} "
-        f"in {time.perf_counter() - start:.1f}s; {summary['skipped_summary']}"
-    )
-    dist.cleanup()
+    run.finish(f"wrote {cache}: {summary['n_images']} images x {len(layers)} layers x {summary['d_model']} "
+               f"in {time.perf_counter() - start:.1f}s; {summary['skipped_summary']}")
     return cache
-
-
-def _summarise(cache: Path, n_shards: int) -> dict[str, Any]:
-    """Image count, d_model, shard names and the summed skips, from the shards' headers."""
-    from safetensors import safe_open
-
-    from lineofsight.cache import shard_path
-    from lineofsight.data import SkipCounter
-
-    skips = SkipCounter()
-    n_images, d_model, shards = 0, None, []
-    for shard in range(n_shards):
-        path = shard_path(cache, shard)
-        with safe_open(str(path), framework="pt") as f:
-            skips.merge(json.loads(f.metadata()["skipped"]))
-            shape = f.get_slice("acts").get_shape()
-        n_images += shape[0]
-        d_model = shape[2]
-        shards.append(path.name)
-    return {"n_images": n_images, "d_model": d_model, "shards": shards, "skipped": skips.to_dict(),
-            "skipped_summary": skips.summary()}
 
 
 def _jsonable(cfg: Config) -> dict[str, Any]:
@@ -344,6 +321,6 @@ def _jsonable(cfg: Config) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from lineofsight.cli import run
+    from lineofsight.cli import run as run_cli
 
-    run(main, Config)
+    run_cli(main, Config)

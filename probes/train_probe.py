@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from lineofsight.probes import PROBE_OUTPUTS
+from lineofsight.run import Run, lifecycle
+
+OUTPUTS = ("metrics.json", "accuracy_by_layer.png", "sae_probe_accuracy.png", *PROBE_OUTPUTS)
 
 @dataclasses.dataclass
 class Config:
@@ -54,7 +58,7 @@ class Config:
     device: str = "cpu"
     """Device to train on ('cuda' for the 7B's 4096-wide features over 50k images)."""
     overwrite: bool = False
-    """Replace an existing --out that already holds metrics.json."""
+    """Replace the outputs of an earlier run of this script in --out (nothing else in it is touched)."""
     features: Literal["residual", "sae"] = "residual"
     """'residual': probe the pooled residual at every cached layer. 'sae': probe the latents of --sae
     (encoding the pooled residual at the SAE's layer): a dense probe on all latents, then sparse
@@ -134,10 +138,6 @@ def fit_linear(x_train: Any, y_train: Any, n_classes: int, cfg: Config, seed: in
     return {"weight": state["weight"].cpu(), "bias": state["bias"].cpu(), "mean": mean.cpu(), "std": std.cpu()}
 
 
-def probe_logits(probe: dict[str, Any], x: Any) -> Any:
-    return ((x - probe["mean"]) / probe["std"]) @ probe["weight"].T + probe["bias"]
-
-
 def topk_accuracy(logits: Any, y: Any, k: int) -> float:
     k = min(k, logits.shape[1])
     return float((logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean())
@@ -193,6 +193,7 @@ def sae_probes(cfg: Config, meta: dict[str, Any], acts: Any, y_all: Any, train_i
     import torch
 
     from lineofsight.cli import UserError
+    from lineofsight.probes import probe_logits
     from lineofsight.sae import load_sae
 
     sae = load_sae(cfg.sae, "cpu")
@@ -251,17 +252,17 @@ def plot_sae_probes(result: dict[str, Any], chance: float, path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(cfg: Config) -> dict[str, Any]:
+@lifecycle("probes/train_probe.py", outputs=OUTPUTS)
+def main(cfg: Config, run: Run) -> dict[str, Any]:
     import torch
 
     from lineofsight.cache import read_activation_cache
     from lineofsight.cli import UserError
-    from lineofsight.data import read_class_pairs
-    from lineofsight.io import provenance, save_tensors, write_json
+    from lineofsight.data import pair_key, read_class_pairs
+    from lineofsight.probes import probe_logits, save_pair_probes, save_probe
 
     start = time.perf_counter()
-    if (cfg.out / "metrics.json").is_file() and not cfg.overwrite:
-        raise UserError(f"--out {cfg.out} already holds metrics.json; pass --overwrite or another --out")
+    run.setup(seed=cfg.seed, device=cfg.device)
     cache = read_activation_cache(cfg.activations)
     meta = cache["meta"]
     names: list[str] = meta["class_names"]
@@ -280,14 +281,19 @@ def main(cfg: Config) -> dict[str, Any]:
         for name in (src, tgt):
             if name not in names:
                 raise UserError(f"--pairs: class {name!r} is not in the activation cache (classes: {', '.join(names)})")
+    if cfg.features == "sae":
+        from lineofsight.sae import load_sae
+
+        sae_layer = load_sae(cfg.sae, "cpu").cfg.layer  # checked before any probe is trained
+        if sae_layer not in meta["layers"]:
+            raise UserError(f"--sae reads layer {sae_layer}; the activation cache holds layers {meta['layers']}")
+    run.open(cfg.out, overwrite=cfg.overwrite)
 
     metrics: dict[str, Any] = {
         "activations": str(cfg.activations), "n_classes": n_classes, "class_names": names, "pool": meta["pool"],
         "chance": chance, "top5_k": k5, "n_train": len(train_idx), "n_test": len(test_idx), "layers": {},
-        "pairs": {}, "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
-        "provenance": provenance(),
+        "pairs": {},
     }
-    cfg.out.mkdir(parents=True, exist_ok=True)
     for li, layer in enumerate(meta["layers"]):
         x = acts[:, li]
         probe = fit_linear(x[train_idx], y_all[train_idx], n_classes, cfg, cfg.seed + layer)
@@ -298,11 +304,7 @@ def main(cfg: Config) -> dict[str, Any]:
             "top1": topk_accuracy(logits, y_test, 1), "top5": topk_accuracy(logits, y_test, k5),
             "n_train": len(train_idx), "n_test": len(test_idx), "chance": chance,
         }
-        save_tensors(cfg.out / f"probe_layer{layer}.safetensors", probe)
-        write_json(cfg.out / f"probe_layer{layer}.json", {
-            "layer": layer, "class_names": names, "d_model": int(x.shape[1]), "pool": meta["pool"],
-            "formula": "logits = ((x - mean) / std) @ weight.T + bias",
-        })
+        save_probe(run.out, layer, probe, names, meta["pool"])
         pair_tensors = {}
         for src, tgt in pairs:
             a, b = names.index(src), names.index(tgt)
@@ -313,28 +315,25 @@ def main(cfg: Config) -> dict[str, Any]:
                 acc = topk_accuracy(probe_logits(binary, x[te]), (y_all[te] == b).long(), 1) if len(te) else None
             # Direction in the raw residual space that increases the tgt-vs-src logit.
             direction = (binary["weight"][1] - binary["weight"][0]) / binary["std"]
-            pair_tensors[f"{src}@{tgt}"] = direction
-            metrics["pairs"].setdefault(f"{src}@{tgt}", {})[str(layer)] = {"accuracy": acc, "n_test": len(te)}
+            pair_tensors[pair_key(src, tgt)] = direction
+            metrics["pairs"].setdefault(pair_key(src, tgt), {})[str(layer)] = {"accuracy": acc, "n_test": len(te)}
         if pair_tensors:
-            save_tensors(cfg.out / f"pair_probes_layer{layer}.safetensors", pair_tensors,
-                         {"layer": str(layer), "meaning": "direction raising the tgt logit over the src logit"})
+            save_pair_probes(run.out, layer, pair_tensors)
         m = metrics["layers"][str(layer)]
         print(f"layer {layer:>2}: top-1 {m['top1']:.3f}  top-{k5} {m['top5']:.3f}  (chance {chance:.3f})", flush=True)
 
     if cfg.features == "sae":
         metrics["sae_probe"] = sae_probes(cfg, meta, acts, y_all, train_idx, test_idx, n_classes)
-        plot_sae_probes(metrics["sae_probe"], chance, cfg.out / "sae_probe_accuracy.png")
+        plot_sae_probes(metrics["sae_probe"], chance, run.out / "sae_probe_accuracy.png")
 
     best = max(metrics["layers"], key=lambda layer: metrics["layers"][layer]["top1"])
     metrics["best_layer"] = int(best)
-    write_json(cfg.out / "metrics.json", metrics)
-    plot_accuracy(metrics, cfg.out / "accuracy_by_layer.png")
-    print(f"best layer {best}: top-1 {metrics['layers'][best]['top1']:.3f}; wrote {cfg.out}/metrics.json, "
-          f"probe weights and accuracy_by_layer.png in {time.perf_counter() - start:.1f}s")
-    return metrics
+    plot_accuracy(metrics, run.out / "accuracy_by_layer.png")
+    return run.finish(f"best layer {best}: top-1 {metrics['layers'][best]['top1']:.3f}; wrote {run.out}/metrics.json, "
+                      f"probe weights and accuracy_by_layer.png in {time.perf_counter() - start:.1f}s", metrics)
 
 
 if __name__ == "__main__":
-    from lineofsight.cli import run
+    from lineofsight.cli import run as run_cli
 
-    run(main, Config)
+    run_cli(main, Config)

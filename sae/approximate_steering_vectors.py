@@ -11,9 +11,11 @@ deterministic (``clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)``) and L
 of open gates.
 
 Outputs in ``--out``: ``approximation.json`` (per lambda: mean L0 and cosine of steering and random
-vectors, and per vector), ``approximation.png`` (L0 vs cosine, both sets) and, with
-``--export-lambda``, ``vectors/`` in the layout of ``steering/compute_steering_vectors.py`` holding
+vectors, and per vector), ``approximation.png`` (L0 vs cosine, both sets), the run record
+``run.json`` and, with ``--export-lambda``, ``vectors/`` in the layout of
+``steering/compute_steering_vectors.py`` (written by ``lineofsight.steering.save_vectors``) holding
 the approximated vectors (rescaled to the originals' norms), ready for ``steering/eval_steering.py``.
+An earlier run's outputs in ``--out`` are replaced only with ``--overwrite``.
 
     python sae/approximate_steering_vectors.py --vectors runs/demo/vectors --sae runs/sae-l2/sae --out results/sae/approx
 """
@@ -23,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Any
+
+from lineofsight.run import Run, lifecycle
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 
@@ -36,7 +40,7 @@ class Config:
     sae: Path = Path("runs/sae/sae")
     """SAE folder (or trainer run folder) whose decoder rows form the dictionary."""
     layer: int | None = None
-    """Layer of the vectors to use (default: the SAE's layer)."""
+    """Layer of the vectors to use: the input of decoder block L (hidden_states[L]); default: the SAE's layer."""
     lambdas: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
     """L0 penalties to sweep."""
     steps: int = 1000
@@ -50,9 +54,11 @@ class Config:
     seed: int = 0
     """Seeds the random baseline and the gate noise."""
     device: str | None = None
-    """Device (default: GPU if there is one, else cpu)."""
+    """Device: cpu, cuda or cuda:N (default: GPU if there is one, else cpu)."""
     out: Path = Path("runs/approx")
-    """Output folder."""
+    """Output folder (refused when it holds an earlier run of this script, unless --overwrite)."""
+    overwrite: bool = False
+    """Replace the outputs of an earlier run in --out (other files there are kept)."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -139,19 +145,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    import json
+@lifecycle("sae/approximate_steering_vectors.py", outputs=("approximation.json", "approximation.png", "vectors"))
+def main(cfg: Config, run: Run) -> dict[str, Any]:
     import time
 
     import torch
 
     from lineofsight.cli import UserError
-    from lineofsight.io import provenance, save_tensors, write_json
+    from lineofsight.data import parse_pair
     from lineofsight.sae import load_sae
     from lineofsight.steering import load_vectors
 
     start = time.perf_counter()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run.setup(seed=cfg.seed, device=cfg.device)
+    device = run.device
     sae = load_sae(cfg.sae, device)
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
     if layer is None:
@@ -162,16 +169,21 @@ def main(cfg: Config) -> dict[str, Any]:
     if not vectors:
         raise UserError(f"--vectors {cfg.vectors} holds no vectors for layer {layer}")
     names = sorted(vectors)
+    pairs = [parse_pair(n) for n in names]
+    if any(p is None for p in pairs):
+        raise UserError(f"--vectors {cfg.vectors}: a vector name is not of the form src@tgt: {names}")
     V = torch.stack([vectors[n].float() for n in names]).to(device)
     if V.shape[1] != sae.cfg.d_in:
         raise UserError(f"steering vectors have width {V.shape[1]}, the SAE's d_in is {sae.cfg.d_in}")
+    run.open(cfg.out, overwrite=cfg.overwrite)
+
     D = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
     R = random_unit(cfg.n_random or len(names), V.shape[1], cfg.seed + 1).to(device)
     lambdas = torch.tensor(cfg.lambdas, dtype=torch.float32)
-
     results: dict[str, Any] = {"layer": layer, "lambdas": list(cfg.lambdas), "d_sae": sae.cfg.d_sae}
     fits = {}
     for name, targets in (("steering", V), ("random", R)):
+        run.check_alive()
         n = len(targets)
         tiled = targets.repeat(len(lambdas), 1)  # lambda-major: row = i_lambda * n + i_vector
         fit = hard_concrete_fit(tiled, D, lambdas.repeat_interleave(n), cfg.steps, cfg.lr, cfg.seed)
@@ -187,34 +199,39 @@ def main(cfg: Config) -> dict[str, Any]:
                                    "l0": int(l0[j]), "cosine": float(cos[j])})
         results[name] = {"by_lambda": by_lambda, "per_vector": per_vector}
 
-    out = Path(cfg.out)
-    plot(results, out / "approximation.png")
+    plot(results, run.out / "approximation.png")
     if cfg.export_lambda is not None:
-        i_lam = cfg.lambdas.index(cfg.export_lambda)
-        approx = fits["steering"]["approx"][i_lam * len(names) : (i_lam + 1) * len(names)]
-        scaled = approx / approx.norm(dim=-1, keepdim=True).clamp(min=1e-12) * V.norm(dim=-1, keepdim=True)
-        save_tensors(out / "vectors" / "vectors.safetensors",
-                     {f"{n}/{layer}": scaled[i].cpu() for i, n in enumerate(names)})
-        write_json(out / "vectors" / "vectors.json", {
-            **{k: v for k, v in info.items() if k not in ("vectors", "provenance")},
-            "layers": [layer], "method": f"sae-approx(lambda={cfg.export_lambda})", "source": str(cfg.vectors),
-            "sae": str(cfg.sae), "vectors": [{"src": n.split("@")[0], "tgt": n.split("@")[1], "layer": layer,
-                                              "norm": float(V[i].norm())} for i, n in enumerate(names)],
-            "provenance": provenance(),
-        })
+        export_vectors(cfg, run.out / "vectors", fits["steering"], pairs, V, layer, info)
     results["wall_s"] = round(time.perf_counter() - start, 1)
-    results["provenance"] = provenance()
-    write_json(out / "approximation.json", results)
     print(f"{'lambda':>8} {'steering L0':>12} {'cos':>6} {'random L0':>10} {'cos':>6}")
     for lam in cfg.lambdas:
         s, r = results["steering"]["by_lambda"][str(lam)], results["random"]["by_lambda"][str(lam)]
         print(f"{lam:>8g} {s['l0']:>12.1f} {s['cosine']:>6.3f} {r['l0']:>10.1f} {r['cosine']:>6.3f}")
-    print(f"wrote {out}/approximation.json and approximation.png" + (" and vectors/" if cfg.export_lambda else ""))
-    json.dumps(results)  # fail here, not in a reader, if anything is not JSON
-    return results
+    return run.finish(f"wrote {run.out}/approximation.json and approximation.png"
+                      + (f" and vectors/ (lambda {cfg.export_lambda})" if cfg.export_lambda is not None else "")
+                      + f" for {len(names)} steering vectors at layer {layer}", results, "approximation.json")
+
+
+def export_vectors(cfg: Config, folder: Path, fit: dict[str, Any], pairs: list[tuple[str, str]], V: Any, layer: int,
+                   info: dict[str, Any]) -> None:
+    """The approximations of ``--export-lambda``, rescaled to the original vectors' norms, as a
+    steering-vector folder (:func:`lineofsight.steering.save_vectors`)."""
+    from lineofsight.steering import save_vectors
+
+    n = len(pairs)
+    i_lam = cfg.lambdas.index(cfg.export_lambda)
+    approx = fit["approx"][i_lam * n : (i_lam + 1) * n]
+    scaled = approx / approx.norm(dim=-1, keepdim=True).clamp(min=1e-12) * V.norm(dim=-1, keepdim=True)
+    derived = ("vectors", "provenance", "layers", "pairs", "d_model")  # save_vectors derives these
+    save_vectors(folder, {(src, tgt, layer): scaled[i].cpu() for i, (src, tgt) in enumerate(pairs)}, {
+        **{k: v for k, v in info.items() if k not in derived},
+        "method": f"sae-approx(lambda={cfg.export_lambda})", "source": str(cfg.vectors), "sae": str(cfg.sae),
+        "vectors": [{"src": src, "tgt": tgt, "layer": layer, "norm": float(V[i].norm())}
+                    for i, (src, tgt) in enumerate(pairs)],
+    })
 
 
 if __name__ == "__main__":
-    from lineofsight.cli import run
+    from lineofsight.cli import run as run_cli
 
-    run(main, Config)
+    run_cli(main, Config)

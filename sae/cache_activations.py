@@ -10,8 +10,11 @@ Output: ``<out>/tokens-<hash>/`` named by a hash of what determines its contents
 (0 image, 1 text_in_context, 2 text_only), ``sample`` (record index), ``token_id``, ``type_index``
 (the j-th image / caption token of its record); the record ids
 and skipped images in the metadata; each written atomically, so a shard exists only when
-complete) and ``metadata.json`` (last: the cache is complete). Re-running resumes from the
-complete shards; under ``torchrun`` the ranks take disjoint shards.
+complete), ``metadata.json`` (last: the cache is complete) and ``run.json`` (the run record:
+command, config, git SHA, versions; see ``lineofsight/run.py``). The format is
+``lineofsight/cache.py``'s token cache. Re-running the same config reuses a complete cache and
+resumes an interrupted one from its complete shards; ``--overwrite`` starts it again. Under
+``torchrun`` the ranks take disjoint shards.
 
     python sae/cache_activations.py --layers 2 4 --out runs/sae-cache                   # toy world
     torchrun --nproc_per_node 8 sae/cache_activations.py --model llava-hf/llava-v1.6-mistral-7b-hf \\
@@ -22,14 +25,13 @@ complete shards; under ``torchrun`` the ranks take disjoint shards.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
-from typing import Literal
 
-from lineofsight.toy import TOY_WORLD_DIR
-
-CACHE_VERSION = 1
+from lineofsight.cache import CACHE_OUTPUTS
+from lineofsight.models import Dtype
+from lineofsight.paths import TOY_WORLD_DIR
+from lineofsight.run import Run, lifecycle
 
 
 @dataclasses.dataclass
@@ -43,7 +45,7 @@ class Config:
     image_root: Path | None = None
     """Folder the records' image paths are relative to (default: the JSON file's folder)."""
     layers: tuple[int, ...] = (2,)
-    """Residual-stream layers to read (input of decoder block L; 0..n_layers)."""
+    """Residual-stream layers to read: layer L is the input of decoder block L (hidden_states[L]; 0..n_layers)."""
     types: tuple[str, ...] = ("image", "text_in_context", "text_only")
     """Token types to keep."""
     limit: int | None = None
@@ -56,16 +58,17 @@ class Config:
     """Records per forward pass."""
     load_threads: int = 4
     """Threads that decode the images of the next batches while the model runs (0: none)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = "float32"
     """Model dtype."""
-    save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    save_dtype: Dtype = "float32"
     """dtype of the stored activations."""
     device: str | None = None
-    """Device (default: this rank's GPU if there is one, else cpu)."""
+    """Device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else cpu)."""
     out: Path = Path("runs/sae-cache")
-    """Parent folder of the cache (the cache is <out>/tokens-<hash>)."""
+    """Parent folder of the cache (the cache is <out>/tokens-<hash>), or the cache folder itself."""
     overwrite: bool = False
-    """Delete and recompute an existing cache of this config."""
+    """Recompute the cache of this config from scratch (without it, a complete cache is reused and an
+    interrupted one resumed)."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -77,39 +80,46 @@ class Config:
             raise UserError("--layers needs at least one layer")
 
 
-def main(cfg: Config) -> Path:
-
+@lifecycle("sae/cache_activations.py", outputs=CACHE_OUTPUTS, resumable=True)
+def main(cfg: Config, run: Run) -> Path:
     import torch
     from tqdm import tqdm
 
     from lineofsight import dist
-    from lineofsight.cache import open_cache, pending_shards, shard_path
+    from lineofsight.cache import (
+        TOKEN_CACHE_VERSION,
+        open_cache,
+        pending_shards,
+        summarise_token_shards,
+        write_cache_metadata,
+        write_token_shard,
+    )
     from lineofsight.cli import UserError
     from lineofsight.data import SkipCounter, read_sharegpt4v
-    from lineofsight.harvest import TOKEN_TYPES, Harvester, TokenBatch, record_batches
-    from lineofsight.io import provenance, save_tensors, write_json
-    from lineofsight.models import check_layer, load_vlm, resolve_model_path
-
-    start = time.perf_counter()
-    info = dist.setup(seed=0, device=cfg.device)
+    from lineofsight.harvest import Harvester, TokenBatch, record_batches
+    from lineofsight.models import check_layer, resolve_model_path, text_config
     from lineofsight.toy import ensure_toy_world
 
+    start = time.perf_counter()
+    info = run.setup(seed=0, device=cfg.device)
     ensure_toy_world(cfg.data)
     records = read_sharegpt4v(cfg.data, limit=cfg.limit)
     if not records:
         raise UserError(f"--data {cfg.data} holds no usable records")
     image_root = cfg.image_root or cfg.data.parent
-    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=info.device)
+    model_source = resolve_model_path(cfg.model)
+    model, processor = run.load_model(cfg.model, cfg.dtype)
     for layer in cfg.layers:
         check_layer(model, layer, "--layers")
     layers = sorted(set(cfg.layers))
+    save_dtype = getattr(torch, cfg.save_dtype)
     harvester = Harvester(model, processor, layers, max_caption_tokens=cfg.max_caption_tokens, types=cfg.types,
-                          save_dtype=getattr(torch, cfg.save_dtype))
+                          save_dtype=save_dtype)
     harvester.check_boundary(records[0].caption)
 
     key = {
-        "version": CACHE_VERSION,
-        "model": resolve_model_path(cfg.model),
+        "version": TOKEN_CACHE_VERSION,
+        "model": model_source,
         "data": str(Path(cfg.data).resolve()),
         "data_mtime_ns": Path(cfg.data).stat().st_mtime_ns,
         "image_root": str(Path(image_root).resolve()),
@@ -122,10 +132,9 @@ def main(cfg: Config) -> Path:
         "dtype": cfg.dtype,
         "save_dtype": cfg.save_dtype,
     }
-    cache, complete = open_cache(cfg.out, key, cfg.overwrite, "tokens", None)
+    cache, complete = open_cache(run, cfg.out, key, cfg.overwrite, "tokens")
     if complete:
-        dist.print0(f"reusing the complete cache {cache}")
-        dist.cleanup()
+        run.finish(f"reusing the complete cache {cache}")
         return cache
 
     n_shards = (len(records) + cfg.records_per_shard - 1) // cfg.records_per_shard
@@ -140,52 +149,33 @@ def main(cfg: Config) -> Path:
         skips = SkipCounter()
         parts = []
         seen = 0
-        batches = record_batches(records, range(lo, hi), image_root, cfg.batch_size, skips, cfg.load_threads)
-        for idx, captions, images in batches:
+        for idx, captions, images in record_batches(records, range(lo, hi), image_root, cfg.batch_size, skips,
+                                                    cfg.load_threads):
+            run.check_alive()
             if idx:
                 parts.append(harvester(captions, images, idx))
             bar.update(len(idx) + skips.total - seen)
             seen = skips.total
-        batch = TokenBatch.cat(parts) if parts else TokenBatch(
-            torch.zeros(0, len(layers), model.config.get_text_config(decoder=True).hidden_size),
-            torch.zeros(0, dtype=torch.uint8), *(torch.zeros(0, dtype=torch.long) for _ in range(3)))
-        n_tokens += len(batch)
-        save_tensors(shard_path(cache, shard), batch.to_dict(), {"skipped": json.dumps(skips.to_dict())})
+        tokens = TokenBatch.cat(parts) if parts else TokenBatch.empty(len(layers), text_config(model).hidden_size,
+                                                                      save_dtype)
+        n_tokens += len(tokens)
+        write_token_shard(cache, shard, tokens, skips.to_dict())
         bar.set_postfix(tokens=n_tokens)
     bar.close()
     dist.barrier()
 
-    from safetensors import safe_open
-
-    skips, counts, shards = SkipCounter(), [0] * len(TOKEN_TYPES), []
-    d_model = None
-    for shard in range(n_shards):
-        path = shard_path(cache, shard)
-        with safe_open(str(path), framework="pt") as f:
-            skips.merge(json.loads(f.metadata()["skipped"]))
-            types = f.get_tensor("token_type")
-            d_model = f.get_slice("acts").get_shape()[2]
-        for t, n in enumerate(torch.bincount(types.long(), minlength=len(TOKEN_TYPES)).tolist()):
-            counts[t] += n
-        shards.append(path.name)
-    if sum(counts) == 0:
-        dist.cleanup()
-        raise UserError(f"no tokens harvested ({skips.summary()})")
+    summary = summarise_token_shards(cache, n_shards)  # every rank reads the shards' token types (small)
+    if summary["n_tokens"] == 0:
+        raise UserError(f"no tokens harvested ({summary['skipped_summary']})")
     if info.is_main:
-        write_json(cache / "metadata.json", {
-            "layers": layers, "d_model": d_model, "token_types": list(TOKEN_TYPES),
-            "n_tokens": sum(counts), "n_tokens_by_type": dict(zip(TOKEN_TYPES, counts, strict=True)),
-            "n_records": len(records), "shards": shards, "skipped": skips.to_dict(),
-            "skipped_summary": skips.summary(), "key": key, "provenance": provenance(),
-        })
+        write_cache_metadata(cache, {"layers": layers, **summary, "n_records": len(records), "key": key})
     dist.barrier()
-    dist.print0(f"wrote {cache}: {sum(counts)} tokens x {len(layers)} layers x {d_model} in "
-                f"{time.perf_counter() - start:.1f}s; {skips.summary()}")
-    dist.cleanup()
+    run.finish(f"wrote {cache}: {summary['n_tokens']} tokens x {len(layers)} layers x {summary['d_model']} in "
+               f"{time.perf_counter() - start:.1f}s; {summary['skipped_summary']}")
     return cache
 
 
 if __name__ == "__main__":
-    from lineofsight.cli import run
+    from lineofsight.cli import run as run_cli
 
-    run(main, Config)
+    run_cli(main, Config)

@@ -13,10 +13,14 @@ the first ``--l1-warmup-frac`` of the steps, the learning rate decayed linearly 
 last ``--lr-decay-frac``. Every ``--checkpoint-every`` steps an atomic checkpoint holds the SAE,
 Adam state, step, dead-latent counters, every rank's data position, shuffle buffer and RNG
 state; ``--resume`` continues exactly where it stopped (kill -9 included). A non-finite loss stops
-the run with a message; the last good checkpoint stays.
+the run with a message; the last good checkpoint stays. Under torchrun, a worker whose launcher
+has died stops before its next step, so the last checkpoint stays intact.
 
-The run folder ``--out`` ends with ``sae/`` (the SAE: ``sae.safetensors`` + ``cfg.json``),
-``metrics.json``, ``config.json`` and ``log.jsonl``.
+The run folder ``--out`` follows ``lineofsight/run.py``: refused when it holds a run unless
+``--resume`` or ``--overwrite`` (which removes the earlier run's outputs only after the inputs are
+validated), locked while the run lasts, and recorded in ``run.json`` (command, config, git SHA,
+versions, status). It ends with ``sae/`` (the SAE: ``sae.safetensors`` + ``cfg.json``),
+``metrics.json``, ``log.jsonl`` and ``checkpoints/``.
 
     python sae/sae-trainer.py --layer 2 --total-tokens 2000000 --out runs/sae      # toy, CPU
     torchrun --nproc_per_node 2 sae/sae-trainer.py --layer 2 --out runs/sae-ddp     # gloo on CPU
@@ -34,7 +38,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from lineofsight.toy import TOY_WORLD_DIR
+from lineofsight.models import Dtype
+from lineofsight.paths import TOY_WORLD_DIR
+from lineofsight.run import Run, lifecycle
+
+LOG_FILE = "log.jsonl"
+OUTPUTS = ("sae", "metrics.json", LOG_FILE, "checkpoints")
+"""What a run writes into --out (what --overwrite removes; run.json and the lock are the lifecycle's)."""
 
 
 @dataclasses.dataclass
@@ -52,7 +62,8 @@ class Config:
     activations: Path | None = None
     """Train from this token cache (sae/cache_activations.py) instead of harvesting online."""
     layer: int | None = None
-    """Residual-stream layer (input of decoder block L). Default: 8 (the paper's) for a model with at least 16 layers, else n_layers // 2."""
+    """Residual-stream layer: the input of decoder block L (hidden_states[L]). Default: 8 (the paper's) for a model
+    with at least 16 layers, else n_layers // 2; with --activations, the cache's first layer."""
     types: tuple[str, ...] = ("image", "text_in_context", "text_only")
     """Token types to train on."""
     activation: Literal["relu", "topk", "batchtopk"] = "relu"
@@ -89,24 +100,25 @@ class Config:
     """Steps between checkpoints (0: only at the end)."""
     log_every: int = 20
     """Steps between log lines."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = "float32"
     """VLM dtype."""
     sae_autocast: bool = False
     """GPU: run the SAE forward under bfloat16 autocast (weights and Adam stay float32)."""
     device: str | None = None
-    """Device (default: this rank's GPU if there is one, else cpu)."""
+    """Device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else cpu)."""
     seed: int = 0
     """Seeds SAE init, record order and batch order."""
     out: Path = Path("runs/sae")
-    """Run folder (refused when it holds a run, unless --resume or --overwrite)."""
+    """Run folder (refused when it holds a run, unless --resume or --overwrite; see lineofsight/run.py)."""
     resume: bool = False
-    """Continue the run in --out from its last checkpoint."""
+    """Continue the trainer's run in --out from its last checkpoint (from scratch when it has none)."""
     overwrite: bool = False
-    """Delete a run already in --out and start over."""
+    """Start the trainer's run in --out again: its outputs are removed once the inputs are validated."""
     wandb: str | None = None
     """Log to this Weights & Biases project (needs wandb installed)."""
     step_delay: float = 0.0
-    """Testing: sleep this many seconds after every step (so a test can kill a run mid-way)."""
+    """Testing: sleep this many seconds at the end of every step, after its checkpoint (so a test can kill
+    a run mid-way)."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -114,12 +126,15 @@ class Config:
         for name in ("expansion", "batch_size", "total_tokens", "buffer_batches", "records_per_forward", "k"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if self.log_every < 1 or self.checkpoint_every < 0:
+            raise UserError("--log-every must be positive and --checkpoint-every >= 0")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
 
 
-# Fields that must agree between a run and its --resume (the rest may change, e.g. --log-every).
-RESUME_KEYS = ("model", "data", "limit", "activations", "layer", "types", "activation", "expansion", "k", "l1_coefficient",
+# Fields that must agree between a run and its --resume (the rest may change, e.g. --log-every). The
+# layer is compared with the checkpoint's SAE instead: a default (None) resolves to a number.
+RESUME_KEYS = ("model", "data", "limit", "activations", "types", "activation", "expansion", "k", "l1_coefficient",
                "l1_warmup_frac", "lr", "lr_decay_frac", "batch_size", "total_tokens", "buffer_batches",
                "records_per_forward", "max_caption_tokens", "dead_after_tokens", "aux_k", "seed")
 
@@ -275,43 +290,15 @@ class CacheSource:
         pass
 
 
-def read_token_cache(path: Path, layer: int, types: tuple[str, ...]) -> tuple[Any, Any, dict[str, Any]]:
-    """(acts [N, D] float32, token types [N]) of ``layer`` from a token cache, only ``types``."""
-    import torch
-    from safetensors import safe_open
-
-    from lineofsight.cache import find_cache
-    from lineofsight.cli import UserError
-    from lineofsight.harvest import TOKEN_TYPES
-
-    cache = find_cache(path, "tokens")
-    meta = json.loads((cache / "metadata.json").read_text())
-    if layer not in meta["layers"]:
-        raise UserError(f"--activations {cache} holds layers {meta['layers']}, not --layer {layer}")
-    col = meta["layers"].index(layer)
-    codes = torch.tensor([TOKEN_TYPES.index(t) for t in types], dtype=torch.uint8)
-    acts, kinds = [], []
-    for name in meta["shards"]:
-        with safe_open(str(cache / name), framework="pt") as f:
-            t = f.get_tensor("token_type")
-            keep = torch.isin(t, codes)
-            acts.append(f.get_slice("acts")[:, col : col + 1, :][keep, 0].float())
-            kinds.append(t[keep])
-    acts_ND, types_N = torch.cat(acts), torch.cat(kinds)
-    if len(types_N) == 0:
-        raise UserError(f"--activations {cache} holds no tokens of types {', '.join(types)}")
-    return acts_ND, types_N, meta
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Path, step: int, sae: Any, opt: Any, since_fired: Any, source: Any, extra: dict[str, Any],
+def save_checkpoint(out: Path, step: int, sae: Any, opt: Any, since_fired: Any, source: Any, extra: dict[str, Any],
                     rank: int, world: int) -> None:
-    """``run/checkpoints/step-<N>/`` with one file per rank, then ``state.json`` (rank 0, last),
-    then ``run/checkpoints/latest`` pointing at it; older checkpoints are removed after that."""
+    """``out/checkpoints/step-<N>/`` with one file per rank, then ``state.json`` (rank 0, last),
+    then ``out/checkpoints/latest`` pointing at it; older checkpoints are removed after that."""
     import shutil
 
     import torch
@@ -319,7 +306,7 @@ def save_checkpoint(run: Path, step: int, sae: Any, opt: Any, since_fired: Any, 
     from lineofsight import dist
     from lineofsight.io import atomic_write_text, save_tensors, write_json
 
-    folder = run / "checkpoints" / f"step-{step:08d}"
+    folder = out / "checkpoints" / f"step-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     data_tensors, data_meta = source.state()
     tensors = {f"data.{k}": v for k, v in data_tensors.items()}
@@ -339,18 +326,19 @@ def save_checkpoint(run: Path, step: int, sae: Any, opt: Any, since_fired: Any, 
             "opt_param_groups": opt_state["param_groups"], "opt_keys": {str(i): list(s) for i, s in opt_state["state"].items()},
             **extra,
         })
-        atomic_write_text(run / "checkpoints" / "latest", folder.name + "\n")
-        for old in (run / "checkpoints").glob("step-*"):
+        atomic_write_text(out / "checkpoints" / "latest", folder.name + "\n")
+        for old in (out / "checkpoints").glob("step-*"):
             if old.name != folder.name:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    pointer = run / "checkpoints" / "latest"
+def latest_checkpoint(out: Path) -> Path | None:
+    """The folder ``out/checkpoints/latest`` points at, when it is complete; else None."""
+    pointer = out / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
-    folder = run / "checkpoints" / pointer.read_text().strip()
+    folder = out / "checkpoints" / pointer.read_text().strip()
     return folder if (folder / "state.json").is_file() else None
 
 
@@ -380,7 +368,7 @@ def load_checkpoint(folder: Path, sae: Any, opt: Any, source: Any, rank: int) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Training step and metrics
 # ---------------------------------------------------------------------------------------------
 
 
@@ -415,106 +403,165 @@ def batch_metrics(x: Any, x_hat: Any, latents: Any, types: Any, scale: float) ->
     return out
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    import contextlib
-    import shutil
+# ---------------------------------------------------------------------------------------------
+# The run, stage by stage: data, SAE (new or resumed), training loop, finish
+# ---------------------------------------------------------------------------------------------
 
-    import torch
-    from tqdm import tqdm
 
-    from lineofsight import dist
+@dataclasses.dataclass
+class Data:
+    """What the data stage hands on: this rank's token source and what the SAE reads."""
+
+    source: Any
+    """:class:`OnlineSource` or :class:`CacheSource`."""
+    layer: int
+    """The residual-stream layer (input of decoder block ``layer``)."""
+    d_in: int
+    """Width of the residual stream."""
+    model: str
+    """The model the tokens come from (resolved path or HF id)."""
+    hook_name: str = ""
+    """The module whose input is read (online mode; empty for a cache)."""
+
+
+@dataclasses.dataclass
+class Training:
+    """What a checkpoint saves and restores, and the length of the schedule."""
+
+    sae: Any
+    opt: Any
+    since_fired: Any
+    """``[d_sae]`` tokens (all ranks) since each latent last fired."""
+    n_steps: int
+    global_batch: int
+    """Tokens per step over all ranks."""
+    step: int = 0
+    tokens_seen: int = 0
+    last: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The latest log line (rank 0)."""
+
+
+def load_data(cfg: Config, run: Run) -> Data:
+    """The token source of this rank: a token cache in memory, or the VLM harvesting its records."""
     from lineofsight.cli import UserError
-    from lineofsight.io import provenance, write_json
-    from lineofsight.sae import SAEConfig, SparseAutoencoder
-
-    start = time.perf_counter()
-    info = dist.setup(seed=cfg.seed, device=cfg.device)
     from lineofsight.toy import ensure_toy_world
 
-    ensure_toy_world(cfg.data if cfg.activations is None else None)
-    run = Path(cfg.out)
-    if info.is_main:
-        if cfg.overwrite and run.exists():
-            shutil.rmtree(run)
-        if not cfg.resume and run.exists() and any(run.iterdir()):
-            raise UserError(f"--out {run} already holds a run; pass --resume to continue it or --overwrite")
-    dist.barrier()
-    ckpt = latest_checkpoint(run) if cfg.resume else None
-    if cfg.resume and ckpt is None and info.is_main:
-        dist.print0(f"--resume: no checkpoint in {run}; starting from scratch")
-
-    # ---- data ----
-    from lineofsight.models import check_layer, load_vlm, n_layers, residual_site, resolve_model_path
-
-    hook_name, model_name = "", cfg.model
+    info = run.info
     if cfg.activations is not None:
-        from lineofsight.cache import find_cache
+        from lineofsight.cache import read_token_cache
 
-        cache_meta = json.loads((find_cache(cfg.activations, "tokens") / "metadata.json").read_text())
-        layer = cfg.layer if cfg.layer is not None else cache_meta["layers"][0]
-        acts, types, cache_meta = read_token_cache(cfg.activations, layer, cfg.types)
-        source: Any = CacheSource(cfg, acts, types, info.rank, info.world_size, info.device)
-        d_in, model_name = acts.shape[1], cache_meta["key"]["model"]
-    else:
-        from lineofsight.data import read_sharegpt4v
-        from lineofsight.harvest import Harvester
+        acts, types, layer, meta = read_token_cache(cfg.activations, cfg.layer, cfg.types)
+        source = CacheSource(cfg, acts, types, info.rank, info.world_size, info.device)
+        return Data(source, layer, acts.shape[1], meta["key"]["model"])
 
-        records = read_sharegpt4v(cfg.data, limit=cfg.limit)
-        if len(records) < info.world_size:
-            raise UserError(f"--data {cfg.data} has {len(records)} usable records for {info.world_size} ranks")
-        model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=info.device)
-        n = n_layers(model)
-        layer = cfg.layer if cfg.layer is not None else (8 if n >= 16 else n // 2)
-        check_layer(model, layer)
-        harvester = Harvester(model, processor, [layer], max_caption_tokens=cfg.max_caption_tokens, types=cfg.types)
-        harvester.check_boundary(records[0].caption)
-        source = OnlineSource(cfg, harvester, records, info.rank, info.world_size, info.device)
-        d_in = model.config.get_text_config(decoder=True).hidden_size
-        hook_name, model_name = residual_site(model, layer), resolve_model_path(cfg.model)
+    from lineofsight.data import read_sharegpt4v
+    from lineofsight.harvest import Harvester
+    from lineofsight.models import check_layer, n_layers, residual_site, resolve_model_path, text_config
 
-    run_cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    run_cfg["layer"] = layer
-    run_cfg = json.loads(json.dumps(run_cfg))  # tuples -> lists, as read back from config.json
-    if ckpt is not None:
-        old = json.loads((run / "config.json").read_text())["config"]
-        changed = [k for k in RESUME_KEYS if old.get(k) != run_cfg.get(k) and not (k == "layer" and old.get(k) is None)]
-        if changed:
-            raise UserError(f"--resume: the run in {run} was started with different {', '.join(changed)}")
-    elif info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        write_json(run / "config.json", {"config": run_cfg, "world_size": info.world_size, "provenance": provenance()})
+    ensure_toy_world(cfg.data)
+    records = read_sharegpt4v(cfg.data, limit=cfg.limit)
+    if len(records) < info.world_size:
+        raise UserError(f"--data {cfg.data} has {len(records)} usable records for {info.world_size} ranks")
+    model_source = resolve_model_path(cfg.model)
+    model, processor = run.load_model(cfg.model, cfg.dtype)
+    n = n_layers(model)
+    layer = cfg.layer if cfg.layer is not None else (8 if n >= 16 else n // 2)
+    check_layer(model, layer)
+    harvester = Harvester(model, processor, [layer], max_caption_tokens=cfg.max_caption_tokens, types=cfg.types)
+    harvester.check_boundary(records[0].caption)
+    source = OnlineSource(cfg, harvester, records, info.rank, info.world_size, info.device)
+    return Data(source, layer, text_config(model).hidden_size, model_source, residual_site(model, layer))
 
+
+def check_resume(cfg: Config, run: Run, data: Data) -> None:
+    """``--resume`` of a run with a checkpoint: the same :data:`RESUME_KEYS`, layer and world size.
+
+    Called before :meth:`Run.open`, which replaces ``run.json`` (where the earlier config is) with
+    this session's record. Anything else (no run, another script's, no checkpoint) is left to
+    :meth:`Run.open` and to starting from scratch.
+    """
+    from lineofsight.cli import UserError
+    from lineofsight.run import jsonable, read_run_record
+
+    out = Path(cfg.out).expanduser()
+    record = read_run_record(out) if out.is_dir() else None
+    ckpt = latest_checkpoint(out)
+    if record is None or record["script"] != run.script or ckpt is None:
+        return
+    old, new = record.get("config") or {}, jsonable(cfg)
+    changed = [k for k in RESUME_KEYS if old.get(k) != new.get(k)]
+    state = json.loads((ckpt / "state.json").read_text())
+    if state["sae_cfg"].get("layer") != data.layer:
+        changed.append("layer")
+    if changed:
+        raise UserError(f"--resume: the run in {out} was started with different {', '.join(changed)}")
+    if state["world_size"] != run.info.world_size:
+        raise UserError(f"--resume: the checkpoint was written by {state['world_size']} ranks, "
+                        f"not {run.info.world_size}")
+
+
+def init_training(cfg: Config, run: Run, data: Data) -> Training:
+    """The SAE and Adam: restored from the latest checkpoint when resuming, else new with the
+    data-dependent init (scale and ``b_dec`` from rank 0's first tokens, broadcast)."""
+    import torch
+
+    from lineofsight import dist
+    from lineofsight.sae import SAEConfig, SparseAutoencoder
+
+    info = run.info
     global_batch = cfg.batch_size * info.world_size
-    n_steps = max(1, cfg.total_tokens // global_batch)
-    sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.expansion * d_in, activation=cfg.activation, k=cfg.k,
+    sae_cfg = SAEConfig(d_in=data.d_in, d_sae=cfg.expansion * data.d_in, activation=cfg.activation, k=cfg.k,
                         l1_coefficient=cfg.l1_coefficient, aux_k=cfg.aux_k, dead_after_tokens=cfg.dead_after_tokens,
-                        model=model_name, layer=layer, hook_name=hook_name, token_types=cfg.types)
+                        model=data.model, layer=data.layer, hook_name=data.hook_name, token_types=cfg.types)
     sae = SparseAutoencoder(sae_cfg, seed=cfg.seed).to(info.device)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=info.device)
-    step, tokens_seen = 0, 0
+    tr = Training(sae=sae, opt=torch.optim.Adam(sae.parameters(), lr=cfg.lr),
+                  since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=info.device),
+                  n_steps=max(1, cfg.total_tokens // global_batch), global_batch=global_batch)
+    ckpt = latest_checkpoint(run.out) if run.resumed else None
     if ckpt is not None:
-        state, since_fired = load_checkpoint(ckpt, sae, opt, source, info.rank)
-        if state["world_size"] != info.world_size:
-            raise UserError(f"--resume: the checkpoint was written by {state['world_size']} ranks, not {info.world_size}")
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        since_fired = since_fired.to(info.device)
-        dist.print0(f"resumed from {ckpt} at step {step}/{n_steps}")
+        state, since_fired = load_checkpoint(ckpt, sae, tr.opt, data.source, info.rank)
+        tr.step, tr.tokens_seen, tr.since_fired = state["step"], state["tokens_seen"], since_fired.to(info.device)
+        dist.print0(f"resumed from {ckpt} at step {tr.step}/{tr.n_steps}")
     else:
-        # Data-dependent init on rank 0, broadcast to all ranks before training.
+        if cfg.resume:
+            dist.print0(f"--resume: no checkpoint in {run.out}; starting from scratch")
         if info.is_main:
-            sample = source.peek(cfg.batch_size * cfg.buffer_batches).to(info.device)
+            sample = data.source.peek(cfg.batch_size * cfg.buffer_batches).to(info.device)
             sae.set_scale_from(sample)
             sae.init_b_dec(sample)
         scale = dist.broadcast(torch.tensor([sae.cfg.act_scale], dtype=torch.float64, device=info.device))
         sae.cfg.act_scale = float(scale[0])
         for p in sae.parameters():
             dist.broadcast(p.data)
+    if run.resumed and run.is_main:
+        tr.last = trim_log(run.out / LOG_FILE, tr.step)
+    return tr
 
-    if step >= n_steps and (run / "metrics.json").is_file():
-        dist.print0(f"{run} is already finished ({step} steps); nothing to do")
-        dist.cleanup()
-        return json.loads((run / "metrics.json").read_text())
+
+def trim_log(path: Path, step: int) -> dict[str, Any]:
+    """Drop the log lines of steps after ``step`` (written after the checkpoint a resume starts
+    from; they will be written again); returns the last line kept."""
+    from lineofsight.io import atomic_write_text
+
+    if not path.is_file():
+        return {}
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return json.loads(kept[-1]) if kept else {}
+
+
+def train(cfg: Config, run: Run, data: Data, tr: Training) -> None:
+    """Steps ``tr.step`` .. ``tr.n_steps``: DDP step, schedules, dead-latent counts, log lines,
+    checkpoints. Every step first checks that this worker's torchrun launcher is alive."""
+    import contextlib
+
+    import torch
+    from tqdm import tqdm
+
+    from lineofsight import dist
+    from lineofsight.cli import UserError
+
+    info, sae, opt = run.info, tr.sae, tr.opt
     trainer = _step_module(sae)
     if info.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -526,27 +573,27 @@ def main(cfg: Config) -> dict[str, Any]:
     if cfg.wandb and info.is_main:
         import wandb
 
-        wandb_run = wandb.init(project=cfg.wandb, config=run_cfg, resume="allow")
+        from lineofsight.run import jsonable
 
-    log_path = run / "log.jsonl"
-    bar = tqdm(total=n_steps, initial=step, desc=f"SAE L{layer} {cfg.activation}", disable=not info.is_main,
-               mininterval=2)
-    last: dict[str, float] = {}
-    t_log, tok_log = time.perf_counter(), tokens_seen
-    while step < n_steps:
-        x, types = source.next_batch(step)
-        lam = cfg.l1_coefficient * l1_factor(step, n_steps, cfg.l1_warmup_frac)
+        wandb_run = wandb.init(project=cfg.wandb, config={**jsonable(cfg), "layer": data.layer}, resume="allow")
+    bar = tqdm(total=tr.n_steps, initial=tr.step, desc=f"SAE L{data.layer} {cfg.activation}",
+               disable=not info.is_main, mininterval=2)
+    t_log, tok_log = time.perf_counter(), tr.tokens_seen
+    while tr.step < tr.n_steps:
+        run.check_alive()  # before any work: an orphaned worker writes nothing more
+        step = tr.step
+        x, types = data.source.next_batch(step)
+        lam = cfg.l1_coefficient * l1_factor(step, tr.n_steps, cfg.l1_warmup_frac)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, n_steps, cfg.lr_decay_frac)
-        dead = since_fired > cfg.dead_after_tokens
+            group["lr"] = cfg.lr * lr_factor(step, tr.n_steps, cfg.lr_decay_frac)
+        dead = tr.since_fired > cfg.dead_after_tokens
         with autocast:
             out = trainer(x, lam, dead if cfg.activation != "relu" else None)
         finite = dist.all_reduce(torch.isfinite(out["loss"].detach()).float().reshape(1), op="min")
         if float(finite[0]) < 1:
-            good = latest_checkpoint(run)
             bar.close()
             raise UserError(f"non-finite loss at step {step} (lr {cfg.lr}, lambda {lam}); stopped. "
-                            f"Last good checkpoint: {good or 'none'}")
+                            f"Last good checkpoint: {latest_checkpoint(run.out) or 'none'}")
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         sae.optimizer_step(opt)
@@ -554,66 +601,105 @@ def main(cfg: Config) -> dict[str, Any]:
         if cfg.activation == "batchtopk":
             sae.observe_threshold(latents)
         fired = dist.all_reduce((latents > 0).any(0).float(), op="max") > 0
-        since_fired += global_batch
-        since_fired[fired] = 0
-        step += 1
-        tokens_seen += global_batch
+        tr.since_fired += tr.global_batch
+        tr.since_fired[fired] = 0
+        tr.step += 1
+        tr.tokens_seen += tr.global_batch
         bar.update(1)
-        if cfg.step_delay:
-            time.sleep(cfg.step_delay)
 
-        if step % cfg.log_every == 0 or step == n_steps:
-            m = batch_metrics(x, out["x_hat"].detach(), latents, types, sae.cfg.act_scale)
-            losses = dist.all_reduce(torch.stack([out[k].detach().float() for k in ("loss", "mse", "aux")]), op="mean")
+        if tr.step % cfg.log_every == 0 or tr.step == tr.n_steps:
             now = time.perf_counter()
-            last = {"step": step, "tokens": tokens_seen, "loss": float(losses[0]), "mse": float(losses[1]),
-                    "aux": float(losses[2]), "lambda": lam, "lr": opt.param_groups[0]["lr"], **m,
-                    "dead_frac": float((since_fired > cfg.dead_after_tokens).float().mean()),
-                    "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log, 1e-9)}
-            t_log, tok_log = now, tokens_seen
+            tokens_per_s = (tr.tokens_seen - tok_log) / max(now - t_log, 1e-9)
+            tr.last = log_step(cfg, run, tr, x, types, out, latents, lam, tokens_per_s)
+            t_log, tok_log = now, tr.tokens_seen
             if info.is_main:
                 short = {"image": "img", "text_in_context": "ctx", "text_only": "txt"}
-                by_type = {f"{k.split('/')[0]}_{short[k.split('/')[1]]}": f"{v:.3g}" for k, v in m.items() if "/" in k}
-                bar.set_postfix(loss=f"{last['loss']:.3g}", l0=f"{m['l0']:.1f}", fvu=f"{m['fvu']:.3f}",
+                by_type = {f"{k.split('/')[0]}_{short[k.split('/')[1]]}": f"{v:.3g}" for k, v in tr.last.items()
+                           if "/" in k}
+                last = tr.last
+                bar.set_postfix(loss=f"{last['loss']:.3g}", l0=f"{last['l0']:.1f}", fvu=f"{last['fvu']:.3f}",
                                 dead=f"{last['dead_frac']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}", **by_type)
-                with log_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
                 if wandb_run is not None:
-                    wandb_run.log(last, step=step)
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == n_steps:
-            save_checkpoint(run, step, sae, opt, since_fired, source, {"tokens_seen": tokens_seen},
+                    wandb_run.log(tr.last, step=tr.step)
+        if (cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0) or tr.step == tr.n_steps:
+            save_checkpoint(run.out, tr.step, sae, opt, tr.since_fired, data.source, {"tokens_seen": tr.tokens_seen},
                             info.rank, info.world_size)
+        if cfg.step_delay:
+            time.sleep(cfg.step_delay)
     bar.close()
-    source.close()
+    data.source.close()
+    if wandb_run is not None:
+        wandb_run.finish()
 
-    skipped = dist.all_gather_object(source.skips.to_dict())
+
+def log_step(cfg: Config, run: Run, tr: Training, x: Any, types: Any, out: dict[str, Any], latents: Any,
+             lam: float, tokens_per_s: float) -> dict[str, Any]:
+    """One log line (losses averaged over the ranks; L0 and FVU of this rank's batch), appended
+    to ``log.jsonl`` by rank 0."""
+    import torch
+
+    from lineofsight import dist
+
+    m = batch_metrics(x, out["x_hat"].detach(), latents, types, tr.sae.cfg.act_scale)
+    losses = dist.all_reduce(torch.stack([out[k].detach().float() for k in ("loss", "mse", "aux")]), op="mean")
+    line = {"step": tr.step, "tokens": tr.tokens_seen, "loss": float(losses[0]), "mse": float(losses[1]),
+            "aux": float(losses[2]), "lambda": lam, "lr": tr.opt.param_groups[0]["lr"], **m,
+            "dead_frac": float((tr.since_fired > cfg.dead_after_tokens).float().mean()), "tokens_per_s": tokens_per_s}
+    if run.is_main:
+        with (run.out / LOG_FILE).open("a") as f:
+            f.write(json.dumps(line) + "\n")
+    return line
+
+
+def finish(cfg: Config, run: Run, data: Data, tr: Training, start: float) -> dict[str, Any]:
+    """Rank 0 saves the SAE to ``<out>/sae`` and the metrics (skips summed over the ranks); the run ends."""
+    from lineofsight import dist
+    from lineofsight.data import SkipCounter
+
+    skipped = dist.all_gather_object(data.source.skips.to_dict())
     metrics: dict[str, Any] = {}
-    if info.is_main:
-        from lineofsight.data import SkipCounter
-
+    summary = ""
+    if run.is_main:
         skips = SkipCounter()
         for s in skipped:
             skips.merge(s)
-        sae.save(run / "sae")
-        elapsed = time.perf_counter() - start
+        tr.sae.save(run.out / "sae")
+        last = tr.last
         metrics = {
             "final_loss": last.get("loss"), "l0": last.get("l0"), "fvu": last.get("fvu"),
-            "dead_frac": float((since_fired > cfg.dead_after_tokens).float().mean()),
-            "tokens_seen": tokens_seen, "steps": step, "tokens_per_s": last.get("tokens_per_s"),
-            "wall_s": round(elapsed, 1), "world_size": info.world_size, "layer": layer,
+            "dead_frac": float((tr.since_fired > cfg.dead_after_tokens).float().mean()),
+            "tokens_seen": tr.tokens_seen, "steps": tr.step, "tokens_per_s": last.get("tokens_per_s"),
+            "wall_s": round(time.perf_counter() - start, 1), "world_size": run.info.world_size, "layer": data.layer,
             "by_type": {k: v for k, v in last.items() if "/" in k}, "skipped": skips.to_dict(),
-            "act_scale": sae.cfg.act_scale,
+            "act_scale": tr.sae.cfg.act_scale,
         }
-        write_json(run / "metrics.json", metrics)
-        if wandb_run is not None:
-            wandb_run.finish()
-        dist.print0(
-            f"done: {step} steps, {tokens_seen} tokens, loss {metrics['final_loss']:.4g}, L0 {metrics['l0']:.1f}, "
-            f"FVU {metrics['fvu']:.3f}, dead {metrics['dead_frac']:.3f}, {skips.summary()}; SAE in {run / 'sae'}"
-        )
+        summary = (f"done: {tr.step} steps, {tr.tokens_seen} tokens, loss {_fmt(metrics['final_loss'], '.4g')}, "
+                   f"L0 {_fmt(metrics['l0'], '.1f')}, FVU {_fmt(metrics['fvu'], '.3f')}, dead {metrics['dead_frac']:.3f}, "
+                   f"{skips.summary()}; SAE in {run.out / 'sae'}")
     dist.barrier()
-    dist.cleanup()
+    run.finish(summary, metrics if run.is_main else None)
     return metrics
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@lifecycle("sae/sae-trainer.py", outputs=OUTPUTS, resumable=True)
+def main(cfg: Config, run: Run) -> dict[str, Any]:
+    start = time.perf_counter()
+    run.setup(seed=cfg.seed, device=cfg.device)
+    data = load_data(cfg, run)
+    if cfg.resume:
+        check_resume(cfg, run, data)
+    run.open(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+    tr = init_training(cfg, run, data)
+    if tr.step >= tr.n_steps and (run.out / "metrics.json").is_file():
+        data.source.close()
+        metrics = json.loads((run.out / "metrics.json").read_text())
+        return run.finish(f"{run.out} is already finished ({tr.step} steps); nothing to do", metrics, None)
+    train(cfg, run, data, tr)
+    return finish(cfg, run, data, tr, start)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,35 @@
 #!/usr/bin/env bash
 # Set up .venv (see _setup.sh), then run the demo pipeline on the embedded toy model and
 # its shape world, writing results/ (REPORT.md, JSON metrics, plots). Caches go to runs/demo/.
+# Every output folder carries the run.json of the script that wrote it; --overwrite replaces only
+# that script's outputs, and the activation caches are reused when their config is unchanged.
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 mkdir -p results runs/demo
 echo "== 1. shape world + held-out evaluation of the committed toy LLaVA-NeXT"
-python scripts/eval_toy.py --out results/toy_eval.json
+python scripts/eval_toy.py --out results/toy --overwrite
 echo "== 2. linear probes: mean image-token residual per layer -> image class"
 python probes/compute_image_activations.py --split train --images-per-class 48 --out runs/demo/acts
 python probes/train_probe.py --activations runs/demo/acts --pairs data/toy/world/class_pairs.txt \
   --out results/probes --overwrite
 echo "== 3. steering: diff-of-means vectors, steered rollouts, efficacy and damage"
 python steering/compute_steering_vectors.py --activations runs/demo/acts --pairs data/toy/world/class_pairs.txt \
-  --out runs/demo/vectors
-rm -rf runs/demo/rollouts
+  --out runs/demo/vectors --overwrite
 python steering/steering_rollouts.py --vectors runs/demo/vectors --layer 1 --images-per-pair 1 --n-pairs 4 \
-  --k 0 4 8 16 --max-new-tokens 12 --out runs/demo/rollouts
+  --k 0 4 8 16 --max-new-tokens 12 --out runs/demo/rollouts --overwrite
 python steering/eval_steering.py --vectors runs/demo/vectors --layer 1 2 3 --k 0 4 8 16 --images-per-pair 6 \
-  --rollouts runs/demo/rollouts/rollouts.jsonl --out results/steering
+  --rollouts runs/demo/rollouts/rollouts.jsonl --out results/steering --overwrite
 echo "== 4. SAEs: harvest once, one SAE per layer, evaluation, modality by layer, steering-vector approximation"
 # The world's first 448 captions train the SAEs; the last 64 are held out for evaluation.
 python sae/cache_activations.py --layers 1 2 3 4 5 --limit 448 --out runs/demo/sae-cache
 for L in 1 2 3 4 5; do
   python sae/sae-trainer.py --activations runs/demo/sae-cache --layer $L --expansion 8 --l1-coefficient 5 --lr 1e-3 \
     --batch-size 1024 --total-tokens 400000 --dead-after-tokens 100000 --log-every 100 --out runs/demo/sae-L$L --overwrite
-  python sae/evaluation/eval_sae.py --sae runs/demo/sae-L$L --offset 448 --limit 64 --out results/sae/eval-L$L
+  python sae/evaluation/eval_sae.py --sae runs/demo/sae-L$L --offset 448 --limit 64 --out results/sae/eval-L$L --overwrite
 done
 python sae/evaluation/modality.py --saes runs/demo/sae-L1 runs/demo/sae-L2 runs/demo/sae-L3 runs/demo/sae-L4 \
-  runs/demo/sae-L5 --offset 448 --limit 64 --out results/sae/modality
-python sae/approximate_steering_vectors.py --vectors runs/demo/vectors --sae runs/demo/sae-L2 --out results/sae/approx
+  runs/demo/sae-L5 --offset 448 --limit 64 --out results/sae/modality --overwrite
+python sae/approximate_steering_vectors.py --vectors runs/demo/vectors --sae runs/demo/sae-L2 --out results/sae/approx \
+  --overwrite
 python probes/train_probe.py --activations runs/demo/acts --features sae --sae runs/demo/sae-L2 \
   --out results/probes-sae --overwrite
 echo "== report"

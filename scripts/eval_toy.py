@@ -3,10 +3,11 @@
 Generates the shape world if it is missing (seconds), loads the model (default: the committed
 toy model), asks every held-out ``val`` image for a caption, the steering forced choice
 (``Reply either "a" or "b" ...``) and a yes and a no question, and prints the accuracies
-against the quality bar and a few generations. Writes ``--out`` (JSON) for the report.
+against the quality bar and a few generations. Writes ``<out>/eval.json`` for the report and
+``<out>/run.json`` (config, git SHA, versions).
 
-    python scripts/eval_toy.py                            # the committed toy model
-    python scripts/eval_toy.py --model runs/my_toy_model  # any model trained on the world
+    python scripts/eval_toy.py                                           # the committed toy model -> results/toy
+    python scripts/eval_toy.py --model runs/my_toy_model --out runs/my_toy_eval   # any model trained on the world
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import dataclasses
 import time
 from pathlib import Path
 
-from lineofsight.toy import TOY_WORLD_DIR
+from lineofsight.paths import TOY_WORLD_DIR
+from lineofsight.run import Run, lifecycle
 
 #: The toy model's quality bar (held-out images).
 BAR = {"caption_acc": 0.95, "forced_choice_acc": 0.95, "yesno_acc": 0.90}
@@ -37,8 +39,12 @@ class Config:
     """Prompts per generate call."""
     n_examples: int = 3
     """Generations printed per task."""
-    out: Path | None = Path("results/toy_eval.json")
-    """JSON file for the accuracies and examples (written atomically); none to skip."""
+    device: str | None = None
+    """Device (default: GPU if there is one, else cpu)."""
+    out: Path = Path("results/toy")
+    """Output folder: eval.json (accuracies, bar, examples) and run.json."""
+    overwrite: bool = False
+    """Replace an earlier evaluation in --out."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -47,23 +53,24 @@ class Config:
             raise UserError("--n-per-class and --batch-size must be positive")
 
 
-def main(cfg: Config) -> dict:
+@lifecycle("scripts/eval_toy.py", outputs=("eval.json",))
+def main(cfg: Config, run: Run) -> dict:
+    start = time.perf_counter()
+    run.setup(seed=cfg.seed, device=cfg.device)
     import torch
 
     from lineofsight.cli import UserError
-    from lineofsight.io import provenance, write_json
-    from lineofsight.models import load_vlm
     from lineofsight.toy import evaluate_toy, generate_world
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
-    start = time.perf_counter()
-    model, processor = load_vlm(cfg.model)  # bad --model fails before any work
-    if cfg.world_dir.resolve() == TOY_WORLD_DIR.resolve():
-        generate_world(cfg.world_dir, seed=cfg.seed)  # a no-op when the world on disk is current
-    elif not (cfg.world_dir / "world.json").is_file():
-        if cfg.world_dir.exists() and any(cfg.world_dir.iterdir()):
-            raise UserError(f"--world-dir {cfg.world_dir} is not a shape world (no world.json)")
-        generate_world(cfg.world_dir, seed=cfg.seed)
+    default_world = cfg.world_dir.resolve() == TOY_WORLD_DIR.resolve()
+    has_world = (cfg.world_dir / "world.json").is_file()
+    if not default_world and not has_world and cfg.world_dir.exists() and any(cfg.world_dir.iterdir()):
+        raise UserError(f"--world-dir {cfg.world_dir} is not a shape world (no world.json)")
+    model, processor = run.load_model(cfg.model)  # bad --model fails before any work
+    run.open(cfg.out, overwrite=cfg.overwrite)
+    if default_world or not has_world:
+        generate_world(cfg.world_dir, seed=cfg.seed)  # a no-op when the default world on disk is current
     result = evaluate_toy(model, processor, cfg.world_dir, n_per_class=cfg.n_per_class,
                           batch_size=cfg.batch_size, n_examples=cfg.n_examples)
     print(f"held-out accuracy of {cfg.model} on {result['n_images']} images:")
@@ -76,14 +83,13 @@ def main(cfg: Config) -> dict:
     result["bar"] = BAR
     result["meets_bar"] = all(result[k] >= v for k, v in BAR.items())
     result["model"] = cfg.model
-    result["provenance"] = provenance()
-    if cfg.out is not None:
-        write_json(cfg.out, result)
-    print(f"done in {time.perf_counter() - start:.1f}s" + (f"; wrote {cfg.out}" if cfg.out else ""))
-    return result
+    assert run.out is not None
+    summary = (f"evaluated {cfg.model} on {result['n_images']} held-out images in {time.perf_counter() - start:.1f}s "
+               f"({'meets' if result['meets_bar'] else 'BELOW'} the bar); wrote {run.out / 'eval.json'}")
+    return run.finish(summary, result, "eval.json")
 
 
 if __name__ == "__main__":
-    from lineofsight.cli import run
+    from lineofsight.cli import run as run_cli
 
-    run(main, Config)
+    run_cli(main, Config)

@@ -195,12 +195,13 @@ def sae_section(results: Path) -> list[str]:
     return lines
 
 
-SECTIONS = [("toy_eval.json", toy_section), ("probes/metrics.json", probe_section),
+SECTIONS = [("toy/eval.json", toy_section), ("probes/metrics.json", probe_section),
             ("steering/metrics.json", steering_section)]
 
 
 def main(cfg: Config) -> None:
     from lineofsight.io import atomic_write_text
+    from lineofsight.run import read_run_record
 
     lines = [
         "# lineofsight demo report",
@@ -214,7 +215,7 @@ def main(cfg: Config) -> None:
         path = cfg.results_dir / filename
         if path.is_file():
             data = json.loads(path.read_text())
-            sha = sha or data.get("provenance", {}).get("git_sha")
+            sha = sha or (read_run_record(path.parent) or {}).get("git_sha")  # the run record of its folder
             lines += render(data)
             if filename.startswith("steering/") and cfg.rollouts is not None:
                 lines += rollout_examples(cfg.rollouts)

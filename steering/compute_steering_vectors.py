@@ -18,6 +18,8 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+from lineofsight.run import Run, lifecycle
+
 
 @dataclasses.dataclass
 class Config:
@@ -36,7 +38,9 @@ class Config:
     n_pairs: int | None = None
     """Use only the first N pairs of the file (default: all)."""
     layers: tuple[int, ...] = ()
-    """Layers to compute (default: every layer of the cache). Layer L = input of decoder block L."""
+    """Layers to compute (default: every layer of the cache). Layer L = input of decoder block L (= hidden_states[L])."""
+    overwrite: bool = False
+    """Replace the vectors of an earlier run of this script in --out (nothing else in it is touched)."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -47,19 +51,15 @@ class Config:
             raise UserError("--n-pairs must be positive")
 
 
-def vector_key(src: str, tgt: str, layer: int) -> str:
-    return f"{src}@{tgt}/{layer}"
-
-
-def main(cfg: Config) -> Path:
-    import torch
-    from safetensors.torch import load_file
-
+@lifecycle("steering/compute_steering_vectors.py", outputs=("vectors.safetensors", "vectors.json"))
+def main(cfg: Config, run: Run) -> Path:
     from lineofsight.cache import read_activation_cache
     from lineofsight.cli import UserError
-    from lineofsight.data import read_class_pairs
-    from lineofsight.io import provenance, save_tensors, write_json
+    from lineofsight.data import pair_key, read_class_pairs
+    from lineofsight.probes import load_pair_probes
+    from lineofsight.steering import save_vectors
 
+    run.setup(seed=0, device="cpu")
     cache = read_activation_cache(cfg.activations)
     meta = cache["meta"]
     names: list[str] = meta["class_names"]
@@ -82,42 +82,36 @@ def main(cfg: Config) -> Path:
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise UserError(f"class {name!r} of --pairs has no images in the activation cache{hint}")
 
+    probe_dirs = {layer: load_pair_probes(cfg.probes, layer) for layer in layers} if cfg.method == "probe" else {}
+    for layer, dirs in probe_dirs.items():
+        for src, tgt in pairs:
+            if pair_key(src, tgt) not in dirs:
+                raise UserError(f"--probes has no binary probe for {pair_key(src, tgt)} at layer {layer}")
+    run.open(cfg.out, overwrite=cfg.overwrite)
+
     vectors, entries = {}, []
     for layer in layers:
         li = meta["layers"].index(layer)
         acts = cache["acts"][:, li]
-        probe_dirs = None
-        if cfg.method == "probe":
-            path = cfg.probes / f"pair_probes_layer{layer}.safetensors"
-            if not path.is_file():
-                raise UserError(f"--probes {cfg.probes} has no {path.name}; run train_probe.py with --pairs")
-            probe_dirs = load_file(path)
         for src, tgt in pairs:
             mean_src = acts[by_class[src]].mean(0)
             mean_tgt = acts[by_class[tgt]].mean(0)
             v = mean_tgt - mean_src
-            if probe_dirs is not None:
-                key = f"{src}@{tgt}"
-                if key not in probe_dirs:
-                    raise UserError(f"--probes has no binary probe for {key} at layer {layer}")
-                direction = probe_dirs[key].float()
+            if probe_dirs:
+                direction = probe_dirs[layer][pair_key(src, tgt)].float()
                 v = direction / direction.norm() * v.norm()
-            vectors[vector_key(src, tgt, layer)] = v.to(torch.float32)
+            vectors[(src, tgt, layer)] = v
             entries.append({"src": src, "tgt": tgt, "layer": layer, "norm": float(v.norm()),
                             "n_src": len(by_class[src]), "n_tgt": len(by_class[tgt]),
                             "mean_src_norm": float(mean_src.norm()), "mean_tgt_norm": float(mean_tgt.norm())})
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    save_tensors(cfg.out / "vectors.safetensors", vectors, {"method": cfg.method})
-    write_json(cfg.out / "vectors.json", {
-        "method": cfg.method, "activations": str(cfg.activations), "pool": meta["pool"], "layers": layers,
-        "d_model": meta["d_model"], "pairs": [f"{s}@{t}" for s, t in pairs], "vectors": entries,
-        "provenance": provenance(),
-    })
-    print(f"wrote {len(vectors)} vectors ({len(pairs)} pairs x {len(layers)} layers, method {cfg.method}) to {cfg.out}")
-    return cfg.out
+    save_vectors(run.out, vectors, {"method": cfg.method, "activations": str(cfg.activations), "pool": meta["pool"],
+                                    "vectors": entries})
+    run.finish(f"wrote {len(vectors)} vectors ({len(pairs)} pairs x {len(layers)} layers, method {cfg.method}) "
+               f"to {run.out}")
+    return run.out
 
 
 if __name__ == "__main__":
-    from lineofsight.cli import run
+    from lineofsight.cli import run as run_cli
 
-    run(main, Config)
+    run_cli(main, Config)

@@ -21,18 +21,16 @@ Writes ``<out>/metrics.json`` (``metrics[layer][k]`` holds ``p_tgt``, ``p_src``,
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from lineofsight.toy import TOY_WORLD_DIR
+from lineofsight.models import Dtype
+from lineofsight.paths import TOY_WORLD_DIR
+from lineofsight.run import Run, lifecycle
 
-EFFICACY_PROMPT = (
-    'Reply either "{a}" or "{b}" in lowercase depending on what is shown in the image. Do not output any other text.'
-)
-CAPTION_QUESTION = "What is shown in this image?"
+OUTPUTS = ("metrics.json", "efficacy.png", "damage.png", "rollouts.png")
 
 
 @dataclasses.dataclass
@@ -42,7 +40,7 @@ class Config:
     vectors: Path
     """Folder written by steering/compute_steering_vectors.py."""
     layer: tuple[int, ...]
-    """Layer(s) to evaluate, each the input of that decoder block; must be among the vectors' layers."""
+    """Layer(s) to evaluate: layer L = the input of decoder block L (= hidden_states[L]); must be among the vectors' layers."""
     model: str = "toy"
     """Model: 'toy', an HF id or a local directory (the one the vectors were computed on)."""
     imagenet_dir: Path = TOY_WORLD_DIR / "imagenet"
@@ -69,12 +67,14 @@ class Config:
     """rollouts.jsonl from steering/steering_rollouts.py, for the rollout score."""
     batch_size: int = 32
     """Prompts per forward pass."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = "float32"
     """Model dtype."""
     device: str | None = None
     """Device (default: GPU if there is one, else cpu)."""
     out: Path = Path("runs/steering_eval")
     """Output folder for metrics.json and the plots."""
+    overwrite: bool = False
+    """Replace the outputs of an earlier run of this script in --out (nothing else in it is touched)."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -117,11 +117,12 @@ def efficacy(model: Any, processor: Any, layer: int, cases: list[dict[str, Any]]
     return {k: {name: value / len(cases) for name, value in s.items()} for k, s in sums.items()}
 
 
-def caption_nll(model: Any, processor: Any, layer: int, captions: list[dict[str, Any]], v: Any,
-                strengths: list[float], positions: str, batch_size: int) -> dict[float, float]:
+def steered_caption_nll(model: Any, processor: Any, layer: int, captions: list[dict[str, Any]], v: Any,
+                        strengths: list[float], positions: str, batch_size: int) -> dict[float, float]:
     """Mean per-token NLL of the captions given image + question, with ``k * v`` added, per k."""
     import torch
 
+    from lineofsight.metrics import caption_nll
     from lineofsight.models import vlm_inputs
     from lineofsight.steering import steer
 
@@ -131,19 +132,18 @@ def caption_nll(model: Any, processor: Any, layer: int, captions: list[dict[str,
         batch = captions[lo : lo + batch_size]
         # The image features are computed once here and reused by the forward at every k.
         inputs = vlm_inputs(model, processor, [c["image"] for c in batch], [c["text"] for c in batch])
-        targets = inputs["input_ids"][:, 1:]
+        ids = inputs["input_ids"]
         # Left padding: each caption's n tokens are the last n of its row.
-        weights = torch.zeros_like(targets, dtype=torch.float32)
+        caption = torch.zeros_like(ids, dtype=torch.bool)
         for row, c in enumerate(batch):
-            weights[row, -c["n_caption_tokens"]:] = 1.0
+            caption[row, ids.shape[1] - c["n_caption_tokens"] :] = True
+        n_logits = max(c["n_caption_tokens"] for c in batch) + 1  # logits only where the NLL needs them
         for k in strengths:
             delta = (k * v).expand(len(batch), -1)
-            with torch.no_grad(), steer(model, layer, delta, inputs["input_ids"], inputs["attention_mask"],
-                                        positions):
-                logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            totals[k] += float((nll * weights).sum())
-        count += int(weights.sum())
+            with torch.no_grad(), steer(model, layer, delta, ids, inputs["attention_mask"], positions):
+                logits = model(**inputs, use_cache=False, logits_to_keep=n_logits).logits
+            totals[k] += caption_nll(logits, ids, caption)[0]
+        count += int(caption.sum())
     return {k: total / count for k, total in totals.items()}
 
 
@@ -155,13 +155,10 @@ def names_in(text: str, name: str) -> bool:
 
 def rollout_scores(path: Path, layers: list[int]) -> dict[int, dict[float, dict[str, float]]]:
     """``{layer: {k: {rollout_tgt, rollout_src, n}}}`` from a rollouts.jsonl."""
-    from lineofsight.cli import UserError
+    from lineofsight.steering import read_rollouts
 
-    if not path.is_file():
-        raise UserError(f"--rollouts {path} does not exist")
     acc: dict[int, dict[float, list[tuple[bool, bool]]]] = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_rollouts(path):
         if rec["layer"] in layers:
             hits = (names_in(rec["text"], rec["tgt"]), names_in(rec["text"], rec["src"]))
             acc.setdefault(rec["layer"], {}).setdefault(float(rec["k"]), []).append(hits)
@@ -196,35 +193,39 @@ def plot_curves(metrics: dict[str, Any], keys: list[tuple[str, str]], ylabel: st
     save_figure(fig, path)
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    import torch
-
+@lifecycle("steering/eval_steering.py", outputs=OUTPUTS)
+def main(cfg: Config, run: Run) -> dict[str, Any]:
     from lineofsight.cli import UserError
     from lineofsight.data import (
         ClassIndex,
         SkipCounter,
         imagenet_items,
         load_image,
+        pair_key,
         read_class_pairs,
         read_sharegpt4v,
     )
-    from lineofsight.io import provenance, write_json
-    from lineofsight.models import check_layer, format_prompt, load_vlm
-    from lineofsight.steering import load_vectors, paper_strengths
-
-    start = time.perf_counter()
+    from lineofsight.models import check_layer, format_prompt
+    from lineofsight.prompts import CAPTION_QUESTION, FORCED_CHOICE_TEMPLATE
+    from lineofsight.steering import load_vectors, paper_strengths, vector_pairs
     from lineofsight.toy import ensure_toy_world
 
+    start = time.perf_counter()
+    run.setup(seed=0, device=cfg.device)
     ensure_toy_world(cfg.imagenet_dir, cfg.data)
     strengths = [round(float(k), 6) for k in (cfg.k or paper_strengths())]
-    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device or
-                                ("cuda" if torch.cuda.is_available() else "cpu"))
+    index = ClassIndex.read(cfg.imagenet_dir)
+    records = read_sharegpt4v(cfg.data)
+    for layer in cfg.layer:
+        load_vectors(cfg.vectors, layer)  # every layer's vectors exist, before the model loads
+    rollouts = rollout_scores(cfg.rollouts, list(cfg.layer)) if cfg.rollouts is not None else {}
+    model, processor = run.load_model(cfg.model, cfg.dtype)
+    for layer in cfg.layer:
+        check_layer(model, layer)
     processor.tokenizer.padding_side = "left"
     tok = processor.tokenizer
-    index = ClassIndex.read(cfg.imagenet_dir)
     skips = SkipCounter()
     image_root = cfg.image_root or cfg.data.parent
-    records = read_sharegpt4v(cfg.data)
     captions = []
     caption_prompt = format_prompt(processor, CAPTION_QUESTION)
     n_prompt = len(tok(caption_prompt, add_special_tokens=True)["input_ids"])
@@ -239,16 +240,17 @@ def main(cfg: Config) -> dict[str, Any]:
         captions.append({"image": image, "text": text, "n_caption_tokens": n_caption})
     if not captions:
         raise UserError(f"no readable caption images in {cfg.data} ({skips.summary()})")
+    run.open(cfg.out, overwrite=cfg.overwrite)
 
     metrics: dict[str, Any] = {}
     for layer in cfg.layer:
-        check_layer(model, layer)
+        run.check_alive()
         vectors, vec_info = load_vectors(cfg.vectors, layer)
-        pairs = read_class_pairs(cfg.pairs) if cfg.pairs else [tuple(p.split("@")) for p in vec_info["pairs"]]
+        pairs = read_class_pairs(cfg.pairs) if cfg.pairs else vector_pairs(vec_info)
         pairs = pairs[: cfg.n_pairs]
         cases = []
         for src, tgt in pairs:
-            key = f"{src}@{tgt}"
+            key = pair_key(src, tgt)
             if key not in vectors:
                 raise UserError(f"no steering vector for {key} at layer {layer} in {cfg.vectors}")
             src_id, tgt_id = first_token(tok, src), first_token(tok, tgt)
@@ -260,18 +262,18 @@ def main(cfg: Config) -> dict[str, Any]:
                 if image is None:
                     continue
                 a, b = (src, tgt) if i % 2 == 0 else (tgt, src)
-                cases.append({"image": image, "prompt": format_prompt(processor, EFFICACY_PROMPT.format(a=a, b=b)),
+                cases.append({"image": image, "prompt": format_prompt(processor, FORCED_CHOICE_TEMPLATE.format(a=a, b=b)),
                               "v": vectors[key].float(), "src_id": src_id, "tgt_id": tgt_id})
         if not cases:
             raise UserError(f"no readable source images in {cfg.imagenet_dir / cfg.split} ({skips.summary()})")
         eff = efficacy(model, processor, layer, cases, strengths, cfg.positions, cfg.batch_size)
         # k = 0 is the unsteered model: the same baseline for every pair, computed once.
         some_v = next(iter(vectors.values())).float()
-        base = caption_nll(model, processor, layer, captions, some_v, [0.0], cfg.positions, cfg.batch_size)[0.0]
+        base = steered_caption_nll(model, processor, layer, captions, some_v, [0.0], cfg.positions, cfg.batch_size)[0.0]
         nonzero = [k for k in strengths if k != 0.0]
         damage = dict.fromkeys(strengths, 0.0)
         for src, tgt in pairs:
-            nll = caption_nll(model, processor, layer, captions, vectors[f"{src}@{tgt}"].float(), nonzero,
+            nll = steered_caption_nll(model, processor, layer, captions, vectors[pair_key(src, tgt)].float(), nonzero,
                               cfg.positions, cfg.batch_size)
             for k in nonzero:
                 damage[k] += (nll[k] - base) / len(pairs)
@@ -280,28 +282,23 @@ def main(cfg: Config) -> dict[str, Any]:
         top = strengths[-1]
         print(f"layer {layer}: k={top:g}: p_tgt {eff[top]['p_tgt']:.3f}  p_src {eff[top]['p_src']:.3f}  "
               f"flip {eff[top]['flip_rate']:.2f}  damage {damage[top]:+.3f} nats/token", flush=True)
-    if cfg.rollouts is not None:
-        scores = rollout_scores(cfg.rollouts, list(cfg.layer))
-        for layer, by_k in scores.items():
-            for k, s in by_k.items():
-                metrics[str(layer)].setdefault(str(round(k, 6)), {}).update(s)
+    for layer, by_k in rollouts.items():
+        for k, s in by_k.items():
+            metrics[str(layer)].setdefault(str(round(k, 6)), {}).update(s)
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
     result = {"metrics": metrics, "k": strengths, "positions": cfg.positions, "n_captions": len(captions),
-              "skipped": skips.to_dict(), "vectors": str(cfg.vectors), "model": cfg.model,
-              "provenance": provenance()}
-    write_json(cfg.out / "metrics.json", result)
+              "skipped": skips.to_dict(), "vectors": str(cfg.vectors), "model": cfg.model}
     plot_curves(metrics, [("p_tgt", "p(tgt)"), ("p_src", "p(src)")], "probability of first token",
-                "Efficacy: forced choice under steering", cfg.out / "efficacy.png")
-    plot_curves(metrics, [("damage_nll", "")], "caption NLL increase (nats/token)", "Damage", cfg.out / "damage.png")
+                "Efficacy: forced choice under steering", run.out / "efficacy.png")
+    plot_curves(metrics, [("damage_nll", "")], "caption NLL increase (nats/token)", "Damage", run.out / "damage.png")
     if cfg.rollouts is not None:
         plot_curves(metrics, [("rollout_tgt", "names tgt"), ("rollout_src", "names src")], "share of rollouts",
-                    "Rollouts naming the classes", cfg.out / "rollouts.png")
-    print(f"wrote {cfg.out}/metrics.json and plots in {time.perf_counter() - start:.1f}s; {skips.summary()}")
-    return result
+                    "Rollouts naming the classes", run.out / "rollouts.png")
+    return run.finish(f"wrote {run.out}/metrics.json and plots in {time.perf_counter() - start:.1f}s; "
+                      f"{skips.summary()}", result)
 
 
 if __name__ == "__main__":
-    from lineofsight.cli import run
+    from lineofsight.cli import run as run_cli
 
-    run(main, Config)
+    run_cli(main, Config)

@@ -9,8 +9,11 @@ generated token). Generation is batched (left padding, KV cache, greedy by defau
 are resolved per sample, so a batch mixes image sizes, prompts and strengths freely.
 
 Output: ``<out>/rollouts.jsonl``, one record per generation (src, tgt, layer, k, prompt_id,
-prompt, image, text, n_tokens, positions). Re-running skips records already written. Under
-``torchrun`` the ranks take disjoint contiguous blocks of units and append to ``rollouts.rank{r}.jsonl``; rank 0 merges.
+prompt, image, text, n_tokens, positions), and ``rollouts_summary.json``. An ``--out`` that holds
+rollouts is refused unless ``--resume`` (units already written are skipped; rollouts of other
+configs in the folder, such as other layers or strengths, are kept) or ``--overwrite``. Under
+``torchrun`` the ranks take disjoint contiguous blocks of units and append to
+``rollouts.rank{r}.jsonl``; rank 0 merges.
 
     python steering/steering_rollouts.py --vectors runs/vectors --layer 3 --out runs/rollouts
 """
@@ -18,26 +21,16 @@ prompt, image, text, n_tokens, positions). Re-running skips records already writ
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from lineofsight.toy import TOY_WORLD_DIR
+from lineofsight.models import Dtype
+from lineofsight.paths import TOY_WORLD_DIR
+from lineofsight.run import Run, lifecycle
+from lineofsight.steering import ROLLOUT_OUTPUTS
 
-DEFAULT_PROMPTS = (
-    "What is shown in this image?",
-    'Is this image related in any way to the concept "{src}"?',
-    'Is this image related in any way to the concept "{tgt}"?',
-    "Describe the primary purpose or function of the entity shown in this image.",
-    "If you were to explain this image to a child, what analogy or simplified description would you use?",
-    "In what environment or setting would you most likely encounter this?",
-    "What are some key distinctive features or characteristics that make this thing unique?",
-    "Describe this image in detail.",
-    "How large is the main subject of this image typically?",
-    'Is this image more related to the concept "{src}" or the concept "{tgt}"?',
-)
-"""The paper's ten rollout questions; ``{src}`` and ``{tgt}`` become the pair's class names."""
+OUTPUTS = (*ROLLOUT_OUTPUTS, "rollouts_summary.json")
 
 
 @dataclasses.dataclass
@@ -74,12 +67,16 @@ class Config:
     """Rollouts generated together."""
     resize: int | None = None
     """Resize images to this square size first (the paper: 336)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = "float32"
     """Model dtype."""
     device: str | None = None
     """Device (default: this rank's GPU if there is one, else cpu)."""
     out: Path = Path("runs/rollouts")
     """Output folder for rollouts.jsonl."""
+    resume: bool = False
+    """Continue an earlier run in --out: units already written are skipped, and rollouts of other configs in it (other layers, k, pairs) are kept."""
+    overwrite: bool = False
+    """Start again: remove the rollouts of an earlier run of this script in --out (nothing else in it is touched)."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -87,26 +84,6 @@ class Config:
         for name in ("images_per_pair", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
-
-
-def unit_key(rec: dict[str, Any]) -> tuple:
-    return (rec["src"], rec["tgt"], rec["layer"], round(float(rec["k"]), 6), rec["prompt_id"], rec["image"],
-            rec["positions"])
-
-
-def read_done(out: Path) -> dict[tuple, dict[str, Any]]:
-    """Records already written (merged file and any rank part files), by unit key."""
-    done: dict[tuple, dict[str, Any]] = {}
-    for path in [out / "rollouts.jsonl", *sorted(out.glob("rollouts.rank*.jsonl"))]:
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: that unit is simply redone
-                continue
-            done[unit_key(rec)] = rec
-    return done
 
 
 def mean_residual_norm(model: Any, processor: Any, images: list[Any], prompt: str, layer: int) -> float:
@@ -134,8 +111,10 @@ def greedy_decode(model: Any, inputs: dict[str, Any], max_new_tokens: int, eos_i
     """
     import torch
 
+    from lineofsight.models import position_ids
+
     attention = inputs["attention_mask"]
-    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(attention)
     out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     done = torch.zeros(attention.shape[0], dtype=torch.bool, device=attention.device)
@@ -178,45 +157,60 @@ def generate_steered(model: Any, processor: Any, images: list[Any], prompts: lis
     return texts, n_tokens
 
 
-def main(cfg: Config) -> Path:
+@lifecycle("steering/steering_rollouts.py", outputs=OUTPUTS, resumable=True)
+def main(cfg: Config, run: Run) -> Path:
     import torch
     from tqdm import tqdm
 
     from lineofsight import dist
     from lineofsight.cli import UserError
-    from lineofsight.data import ClassIndex, SkipCounter, imagenet_items, load_image, read_class_pairs
-    from lineofsight.io import atomic_write_text, write_json
-    from lineofsight.models import check_layer, format_prompt, load_vlm
-    from lineofsight.steering import load_vectors, paper_strengths
-
-    start = time.perf_counter()
-    info = dist.setup(seed=0, device=cfg.device)
+    from lineofsight.data import (
+        ClassIndex,
+        SkipCounter,
+        imagenet_items,
+        load_image,
+        pair_key,
+        read_class_pairs,
+    )
+    from lineofsight.models import check_layer, format_prompt
+    from lineofsight.prompts import ROLLOUT_QUESTIONS
+    from lineofsight.steering import (
+        append_rollouts,
+        load_vectors,
+        merge_rollouts,
+        paper_strengths,
+        read_rollout_folder,
+        rollout_key,
+        vector_pairs,
+    )
     from lineofsight.toy import ensure_toy_world
 
+    start = time.perf_counter()
+    info = run.setup(seed=0, device=cfg.device)
     ensure_toy_world(cfg.imagenet_dir)
     vectors, vec_info = load_vectors(cfg.vectors, cfg.layer)
-    pairs = read_class_pairs(cfg.pairs) if cfg.pairs else [tuple(p.split("@")) for p in vec_info["pairs"]]
+    pairs = read_class_pairs(cfg.pairs) if cfg.pairs else vector_pairs(vec_info)
     pairs = pairs[: cfg.n_pairs]
     for src, tgt in pairs:
-        if f"{src}@{tgt}" not in vectors:
-            raise UserError(f"no steering vector for {src}@{tgt} at layer {cfg.layer} in {cfg.vectors}")
-    questions = list(DEFAULT_PROMPTS)
+        if pair_key(src, tgt) not in vectors:
+            raise UserError(f"no steering vector for {pair_key(src, tgt)} at layer {cfg.layer} in {cfg.vectors}")
+    questions = list(ROLLOUT_QUESTIONS)
     if cfg.prompts is not None:
         if not cfg.prompts.is_file():
             raise UserError(f"--prompts {cfg.prompts} does not exist")
         questions = [line.strip() for line in cfg.prompts.read_text().splitlines() if line.strip()]
         if not questions:
             raise UserError(f"--prompts {cfg.prompts} holds no questions")
-    strengths = list(cfg.k) or paper_strengths()
-    index = ClassIndex.read(cfg.imagenet_dir)
-    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=info.device)
-    check_layer(model, cfg.layer)
-    processor.tokenizer.padding_side = "left"
     for q in questions:
         try:
             q.format(src="", tgt="")
         except (KeyError, IndexError, ValueError):
             raise UserError(f"prompt {q!r}: the only placeholders allowed are {{src}} and {{tgt}}") from None
+    strengths = list(cfg.k) or paper_strengths()
+    index = ClassIndex.read(cfg.imagenet_dir)
+    model, processor = run.load_model(cfg.model, cfg.dtype)
+    check_layer(model, cfg.layer)
+    processor.tokenizer.padding_side = "left"
 
     def prompt_text(prompt_id: int, src: str, tgt: str) -> tuple[str, str]:
         """(question, full model prompt) with the pair's class names filled in."""
@@ -248,56 +242,45 @@ def main(cfg: Config) -> Path:
         scale = mean_residual_norm(model, processor, sample, format_prompt(processor, questions[0]), cfg.layer)
         dist.print0(f"--normalize: mean residual norm at layer {cfg.layer} is {scale:.3f}")
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    done = read_done(cfg.out)
+    resumed = run.open(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+    done = read_rollout_folder(run.out) if resumed else {}
     # Contiguous blocks per rank, so that a rank's batches keep each k sweep together (one image and
     # prompt at many strengths, encoded once by vlm_inputs).
     first, end = info.rank * len(units) // info.world_size, (info.rank + 1) * len(units) // info.world_size
-    mine = [u for u in units[first:end] if unit_key(u) not in done]
+    mine = [u for u in units[first:end] if rollout_key(u) not in done]
     dist.print0(f"{len(units)} rollouts ({len(pairs)} pairs x {len(strengths)} k x {len(questions)} prompts x "
-                f"<= {cfg.images_per_pair} images); {len(done)} already written")
-    part = cfg.out / f"rollouts.rank{info.rank}.jsonl"
+                f"<= {cfg.images_per_pair} images); {sum(rollout_key(u) in done for u in units)} already written")
     n_tokens_total = 0
     progress = tqdm(total=len(mine), desc="rollouts", unit="gen", disable=not info.is_main)
     t0 = time.perf_counter()
-    with part.open("a") as sink:
+    with append_rollouts(run.out / f"rollouts.rank{info.rank}.jsonl") as write:
         for lo in range(0, len(mine), cfg.batch_size):
+            run.check_alive()
             batch = mine[lo : lo + cfg.batch_size]
             deltas = []
             for u in batch:
-                v = vectors[f"{u['src']}@{u['tgt']}"].float()
+                v = vectors[pair_key(u["src"], u["tgt"])].float()
                 deltas.append(u["k"] * (scale * v / v.norm() if cfg.normalize else v))
             texts, n_tokens = generate_steered(
                 model, processor, [images[u["image"]] for u in batch], [format_prompt(processor, u["prompt"]) for u in batch],
                 torch.stack(deltas), cfg.layer, cfg.positions, cfg.max_new_tokens,
             )
-            for u, text, n in zip(batch, texts, n_tokens):
-                sink.write(json.dumps({**u, "text": text, "n_tokens": n}) + "\n")
-            sink.flush()
+            write([{**u, "text": text, "n_tokens": n} for u, text, n in zip(batch, texts, n_tokens)])
             n_tokens_total += sum(n_tokens)
             progress.update(len(batch))
             progress.set_postfix(tok_s=f"{n_tokens_total / (time.perf_counter() - t0):.0f}")
     progress.close()
     dist.barrier()
-    if info.is_main:
-        merged = read_done(cfg.out)
-        order = {unit_key(u): i for i, u in enumerate(units)}
-        records = sorted((r for key, r in merged.items() if key in order), key=lambda r: order[unit_key(r)])
-        atomic_write_text(cfg.out / "rollouts.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        for p in cfg.out.glob("rollouts.rank*.jsonl"):
-            p.unlink()
-        write_json(cfg.out / "rollouts_config.json", {
-            **{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
-            "k": strengths, "questions": questions, "residual_scale": scale, "skipped": skips.to_dict(),
-        })
-    dist.barrier()
-    dist.print0(f"wrote {cfg.out / 'rollouts.jsonl'}: {len(units)} rollouts, {n_tokens_total} new tokens by rank 0 "
-                f"in {time.perf_counter() - start:.1f}s; {skips.summary()}")
-    dist.cleanup()
-    return cfg.out / "rollouts.jsonl"
+    n_on_disk = merge_rollouts(run.out, units) if info.is_main else 0
+    summary = {"k": strengths, "questions": questions, "residual_scale": scale, "n_units": len(units),
+               "n_rollouts_on_disk": n_on_disk, "skipped": skips.to_dict()}
+    run.finish(f"wrote {run.out / 'rollouts.jsonl'}: {n_on_disk} rollouts on disk ({len(units)} of this config), "
+               f"{n_tokens_total} new tokens by rank 0 in {time.perf_counter() - start:.1f}s; {skips.summary()}",
+               summary, "rollouts_summary.json")
+    return run.out / "rollouts.jsonl"
 
 
 if __name__ == "__main__":
-    from lineofsight.cli import run
+    from lineofsight.cli import run as run_cli
 
-    run(main, Config)
+    run_cli(main, Config)

@@ -40,3 +40,14 @@ def test_provenance_names_versions():
     info = provenance()
     assert info["versions"]["torch"].startswith("2.")
     assert info["git_sha"] is None or len(info["git_sha"]) == 40
+
+
+def test_artifacts_get_the_usual_permissions(tmp_path):
+    """Not mkstemp's 0600: what a plain open() would create under the process umask."""
+    import os
+    import stat
+
+    path = write_json(tmp_path / "m.json", {"a": 1})
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)

@@ -202,7 +202,7 @@ def test_probe_on_planted_features(tmp_path):
     direction = load_file(tmp_path / "p" / "pair_probes_layer1.safetensors")["a@b"]
     assert torch.dot(direction, centres[1] - centres[0]) > 0
     assert (tmp_path / "p" / "accuracy_by_layer.png").stat().st_size > 1000
-    with pytest.raises(UserError, match="already holds metrics.json"):
+    with pytest.raises(UserError, match="already holds a run of probes/train_probe.py"):
         probe.main(probe.Config(activations=tmp_path / "c", out=tmp_path / "p"))
 
 

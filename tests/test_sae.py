@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch.nn import functional as F
 
-from lineofsight.sae import SAEConfig, SAEError, SparseAutoencoder, fvu, saelens_reconstruct
+from lineofsight.sae import SAEConfig, SAEError, SparseAutoencoder, fvu
 
 
 def planted(n_tokens: int, d_in: int = 64, n_atoms: int = 256, active: int = 4, seed: int = 0):
@@ -143,6 +147,22 @@ def test_aux_loss_only_with_dead_latents():
     out["aux"].backward()
     assert float(sae.W_dec.grad[:20].abs().sum()) > 0
     assert float(sae.W_dec.grad[20:].abs().sum()) == 0.0  # the aux term touches dead rows only
+
+
+def saelens_reconstruct(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    """The reference: reconstruct ``x`` from an exported SAELens folder with SAELens' own formulas
+    (``act((x - b_dec) W_enc + b_enc) W_dec + b_dec``; JumpReLU gates on the threshold), no SAELens needed."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = load_file(folder / "sae_weights.safetensors")
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "standard":
+        f = F.relu(pre)
+    elif cfg["architecture"] == "jumprelu":
+        f = F.relu(pre) * (pre > w["threshold"])
+    else:
+        vals, idx = pre.topk(cfg["activation_fn_kwargs"]["k"], dim=-1)
+        f = torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+    return f @ w["W_dec"] + w["b_dec"]
 
 
 @pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk"])

@@ -14,6 +14,7 @@ from conftest import ROOT, build_tiny, images, load_script
 
 from lineofsight.harvest import Harvester
 from lineofsight.sae import SAEConfig, SparseAutoencoder
+from lineofsight.steering import load_vectors
 
 eval_sae = load_script("sae/evaluation/eval_sae.py")
 modality = load_script("sae/evaluation/modality.py")
@@ -99,6 +100,24 @@ def test_modality_scores_image_only_text_only_and_shared():
     assert st.top_val[1, 1].tolist() == [3.0, 1.0] and st.top_tok[1, 1].tolist() == [3, 2]
 
 
+def test_categorise_counts_each_latent_once_with_the_thresholds_inclusive():
+    nan = float("nan")
+    #                      text-only       shared                   image-only   never fired
+    scores = torch.tensor([0.0, 0.05, 0.1, 0.1000001, 0.5, 0.8999999, 0.9, 1.0, nan, nan], dtype=torch.float64)
+    got = modality.categorise(scores, image_only=0.9, text_only=0.1)
+    assert got["counts"] == {"image_only": 2, "shared": 3, "text_only": 3} and got["n_live"] == 8
+    assert got["image_only"] == 2 / 8 and got["shared"] == 3 / 8 and got["text_only"] == 3 / 8
+    masks = modality.category_masks(scores, 0.9, 0.1)
+    assert masks["shared"].tolist() == [False] * 3 + [True] * 3 + [False] * 4
+    assert not any(m[8:].any() for m in masks.values())  # NaN: in no category
+    # other thresholds move the boundary latents, and only those
+    assert modality.categorise(scores, image_only=0.5, text_only=0.0)["counts"] == {
+        "image_only": 4, "shared": 3, "text_only": 1}
+    assert modality.categorise(torch.full((3,), nan, dtype=torch.float64), 0.9, 0.1) == {
+        "image_only": 0.0, "shared": 0.0, "text_only": 0.0, "n_live": 0,
+        "counts": {"image_only": 0, "shared": 0, "text_only": 0}}
+
+
 def test_hard_concrete_recovers_a_five_atom_vector_and_beats_random():
     g = torch.Generator().manual_seed(0)
     D = torch.nn.functional.normalize(torch.randn(512, 64, generator=g), dim=-1)
@@ -146,9 +165,11 @@ def test_modality_and_approximation_scripts_run(toy_sae, tmp_path):
                  "--offset", "64", "--limit", "8", "--out", str(tmp_path / "mod")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "mod" / "modality.json").read_text())
-    shares = res["layers"]["2"]["mass"]
-    assert shares["image_only"] + shares["shared"] + shares["text_only"] == pytest.approx(1.0)
+    layer2 = res["layers"]["2"]
+    assert layer2["mass"]["n_live"] > 0 and sum(layer2["histogram"]) == layer2["mass"]["n_live"]
+    assert res["examples"] and all((tmp_path / "mod" / e["plot"]).is_file() for e in res["examples"].values())
     assert (tmp_path / "mod" / "modality_by_layer.png").is_file()
+    assert json.loads((tmp_path / "mod" / "run.json").read_text())["status"] == "done"
 
     vec = tmp_path / "vectors"
     vec.mkdir()
@@ -158,12 +179,20 @@ def test_modality_and_approximation_scripts_run(toy_sae, tmp_path):
     save_file({"circle@square/2": torch.randn(128, generator=g), "star@ring/2": torch.randn(128, generator=g)},
               vec / "vectors.safetensors")
     (vec / "vectors.json").write_text(json.dumps({"layers": [2], "pairs": ["circle@square", "star@ring"]}))
-    proc = _run(["sae/approximate_steering_vectors.py", "--vectors", str(vec), "--sae", str(run), "--steps", "50",
-                 "--lambdas", "0.001", "0.01", "--export-lambda", "0.01", "--out", str(tmp_path / "ap")])
+    args = ["sae/approximate_steering_vectors.py", "--vectors", str(vec), "--sae", str(run), "--steps", "50",
+            "--lambdas", "0.001", "0.01", "--export-lambda", "0.01", "--out", str(tmp_path / "ap")]
+    proc = _run(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "ap" / "approximation.json").read_text())
     assert set(res["steering"]["by_lambda"]) == {"0.001", "0.01"}
-    assert (tmp_path / "ap" / "vectors" / "vectors.safetensors").is_file()
+    exported, info = load_vectors(tmp_path / "ap" / "vectors", 2)
+    assert sorted(exported) == ["circle@square", "star@ring"] and info["pairs"] == ["circle@square", "star@ring"]
+    original, _ = load_vectors(vec, 2)
+    for name, v in exported.items():
+        assert float(v.norm()) == pytest.approx(float(original[name].norm()), rel=1e-5)
+    again = _run(args)  # an earlier run in --out is replaced only with --overwrite
+    assert again.returncode == 2 and "already holds a run" in again.stderr.strip().splitlines()[-1]
+    assert _run([*args, "--overwrite"]).returncode == 0
 
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -1,6 +1,7 @@
 """Harvesting (token types, template tokens dropped) and sae/sae-trainer.py end to end: DDP equals one
-process, kill -9 + --resume equals an uninterrupted run, bad records are skipped and counted, bad
-input is one line with exit code 2."""
+process, kill -9 + --resume equals an uninterrupted run (one process, and a 2-rank torchrun with its
+workers), a busy run folder is refused naming its holder, orphaned torchrun workers stop without
+writing, bad records are skipped and counted, bad input is one line with exit code 2."""
 
 from __future__ import annotations
 
@@ -28,6 +29,50 @@ def _run(args: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProce
 
 
 TRAINER = str(ROOT / "sae" / "sae-trainer.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    """``args`` in the background, stdout and stderr (its torchrun workers' too) into ``log``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with log.open("w") as f:
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (R, S, Z, ...), or None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z", "X")  # a zombie has exited: only its parent has not reaped it
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (torchrun's workers: they run in their own sessions)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def _latest(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
 
 
 def test_harvest_keeps_image_and_caption_tokens_with_real_mistral_tokenizer():
@@ -71,17 +116,37 @@ def test_harvest_cuts_long_captions_and_filters_types():
     assert batch.token_type.tolist() == [2, 2, 2, 2]
 
 
+def _cache_command(small_world: Path, out: Path) -> list[str]:
+    return [sys.executable, "sae/cache_activations.py", "--data", str(small_world / "sharegpt4v.json"),
+            "--layers", "1", "2", "--out", str(out), "--records-per-shard", "8"]
+
+
 @pytest.fixture(scope="module")
 def token_cache(small_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("tokens")
-    proc = _run([sys.executable, "sae/cache_activations.py", "--data", str(small_world / "sharegpt4v.json"),
-                 "--layers", "1", "2", "--out", str(out), "--records-per-shard", "8"])
+    proc = _run(_cache_command(small_world, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (cache,) = out.glob("tokens-*")
     meta = json.loads((cache / "metadata.json").read_text())
     assert meta["n_records"] == 16 and set(meta["n_tokens_by_type"]) == set(TOKEN_TYPES)
     assert all(n > 0 for n in meta["n_tokens_by_type"].values())
     return cache
+
+
+def test_token_cache_is_reused_and_read_by_layer_and_type(small_world, token_cache):
+    from lineofsight.cache import read_token_cache
+
+    record = (token_cache / "run.json").read_text()
+    again = _run(_cache_command(small_world, token_cache.parent))
+    assert again.returncode == 0 and f"reusing the complete cache {token_cache}" in again.stdout, again.stderr[-2000:]
+    assert (token_cache / "run.json").read_text() == record  # a complete cache is not written to
+    meta = json.loads((token_cache / "metadata.json").read_text())
+    acts, types, layer, _ = read_token_cache(token_cache.parent, None, TOKEN_TYPES)  # the --out given to the cache
+    assert layer == 1 and acts.shape == (meta["n_tokens"], meta["d_model"]) and acts.dtype == torch.float32
+    assert torch.bincount(types.long(), minlength=3).tolist() == [meta["n_tokens_by_type"][t] for t in TOKEN_TYPES]
+    image, image_types, _, _ = read_token_cache(token_cache, 2, ("image",))
+    assert len(image) == meta["n_tokens_by_type"]["image"] and set(image_types.tolist()) == {0}
+    assert not torch.equal(image, acts[types == 0])  # layer 2, not layer 1
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -136,6 +201,104 @@ def test_kill_9_then_resume_equals_uninterrupted_run(small_world, tmp_path):
         assert torch.equal(a[name], b[name]), name
     again = _run([sys.executable, *common, "--out", str(run), "--resume"])
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_kill_9_of_torchrun_and_its_workers_then_resume_equals_uninterrupted_run(token_cache, tmp_path):
+    common = [*TORCHRUN, TRAINER, "--activations", str(token_cache), "--layer", "2", "--expansion", "2", "--lr", "1e-3",
+              "--batch-size", "32", "--total-tokens", str(32 * 2 * 16), "--checkpoint-every", "3"]
+    full = _run([*common, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    launcher = _start([*common, "--out", str(run), "--step-delay", "0.25"], tmp_path / "killed.log")
+    try:
+        _wait_for(lambda: (run / "checkpoints" / "latest").is_file(), 120, "the first checkpoint")
+        time.sleep(0.3)  # past the checkpoint, mid-run
+        workers = _children(launcher.pid)
+        assert len(workers) == 2, workers
+    finally:
+        for pid in (launcher.pid, *_children(launcher.pid)):
+            os.kill(pid, signal.SIGKILL)
+        launcher.wait()
+    _wait_for(lambda: not any(_alive(pid) for pid in workers), 10, "the killed workers to go")
+    assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
+    step = int(_latest(run).name.split("-")[1])
+    assert 0 < step < 16
+
+    # A resume that does not match is refused before it touches the folder (one process, or another lr).
+    record = (run / "run.json").read_text()
+    single = [sys.executable, *common[len(TORCHRUN):], "--out", str(run), "--resume"]
+    for args, message in ((single, "written by 2 ranks, not 1"), ([*single, "--lr", "2e-3"], "different lr")):
+        proc = _run(args)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert (run / "run.json").read_text() == record
+
+    resumed = _run([*common, "--out", str(run), "--resume"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and f"at step {step}/16" in resumed.stdout
+    a, b = _weights(tmp_path / "full"), _weights(run)
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "done" and record["world_size"] == 2
+    assert record["sessions"][-1]["status"] == "running"  # the killed session never got to say otherwise
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "log lines after the checkpoint were written twice"
+
+
+def test_a_second_run_into_a_busy_folder_exits_2_naming_the_holder(token_cache, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, TRAINER, "--activations", str(token_cache), "--batch-size", "32",
+            "--total-tokens", str(32 * 10_000), "--checkpoint-every", "0", "--out", str(run)]
+    first = _start([*args, "--step-delay", "0.2"], tmp_path / "first.log")
+    try:
+        _wait_for(lambda: (run / "log.jsonl").is_file() or first.poll() is not None, 120, "the first run's steps")
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        for flag in ("--overwrite", "--resume"):
+            proc = _run([*args, flag])
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+            assert lines[0].startswith("error: ") and f"is in use by pid {first.pid}" in lines[0], lines
+        assert first.poll() is None
+        record = json.loads((run / "run.json").read_text())
+        assert record["pid"] == first.pid and record["status"] == "running"
+        assert (run / "log.jsonl").is_file()  # --overwrite removed nothing
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_workers_stop_at_their_next_step_when_the_launcher_dies(token_cache, tmp_path):
+    run = tmp_path / "orphans"
+    log = tmp_path / "orphans.log"
+    launcher = _start([*TORCHRUN, TRAINER, "--activations", str(token_cache), "--batch-size", "32",
+                       "--total-tokens", str(32 * 2 * 10_000), "--checkpoint-every", "1", "--step-delay", "1",
+                       "--out", str(run)], log)
+    try:
+        _wait_for(lambda: (run / "checkpoints" / "latest").is_file() or launcher.poll() is not None, 120,
+                  "the first checkpoint")
+        workers = _children(launcher.pid)
+        assert len(workers) == 2, log.read_text()[-3000:]
+    finally:
+        launcher.kill()  # SIGKILL: the launcher only; its workers run in their own sessions
+        launcher.wait()
+    # The workers are in their 1 s sleep after the checkpoint: nothing is written until they wake.
+    pointer = (run / "checkpoints" / "latest").read_text()
+    folder = _latest(run)
+    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    _wait_for(lambda: not any(_alive(pid) for pid in workers), 10, "the orphaned workers to stop")
+    assert (run / "checkpoints" / "latest").read_text() == pointer
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(["latest", folder.name])
+    assert {p.name: p.read_bytes() for p in sorted(folder.iterdir())} == files
+    for name in files:
+        if name.endswith(".safetensors"):
+            assert load_file(folder / name)  # loadable
+    assert json.loads((folder / "state.json").read_text())["step"] == int(folder.name.split("-")[1])
+    assert not (run / "sae").exists() and not (run / "metrics.json").exists()
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "failed" and "launcher" in record["summary"]
+    assert "is gone; stopping without writing more" in log.read_text()
 
 
 def test_missing_and_corrupt_images_are_skipped_and_counted(small_world, tmp_path):

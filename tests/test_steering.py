@@ -134,11 +134,24 @@ def test_rollouts_batching_resume_and_k0(tiny_setup, tmp_path):
     # Batch size changes nothing; k = 0 matches plain generation.
     one = rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "b", prompts=prompts, batch_size=1))
     assert [json.loads(line)["text"] for line in one.read_text().splitlines()] == [r["text"] for r in records]
-    # Resume: drop the last records (and leave a torn line), re-run, get the same file.
+    # The folder holds a run: refused without --resume / --overwrite, and left as it was.
     lines = path.read_text().splitlines()
+    with pytest.raises(UserError, match="already holds a run of steering/steering_rollouts.py.*--resume"):
+        rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "a", prompts=prompts))
+    assert path.read_text().splitlines() == lines
+    # Resume: drop the last records (and leave a torn line), re-run, get the same file.
     path.write_text("\n".join(lines[:9]) + '\n{"src": "cir')
-    again = rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "a", prompts=prompts))
+    again = rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "a", prompts=prompts, resume=True))
     assert again.read_text().splitlines() == lines
+    # Another config appended with --resume (layer 2, other k) keeps every layer-1 rollout.
+    more = rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "a", prompts=prompts, resume=True, layer=2,
+                                             k=(25.0,)))
+    merged = more.read_text().splitlines()
+    assert merged[: len(lines)] == lines and len(merged) == len(lines) + 2 * 2 * 2
+    assert {json.loads(line)["layer"] for line in merged[len(lines):]} == {2}
+    # --overwrite starts again: only this config's rollouts remain.
+    fresh = rollouts_script.main(_rollout_cfg(tiny_setup, tmp_path / "a", prompts=prompts, overwrite=True))
+    assert fresh.read_text().splitlines() == lines
 
 
 def test_rollouts_under_torchrun_match_single_process(tiny_setup, tmp_path):
@@ -163,6 +176,51 @@ def test_rollouts_under_torchrun_match_single_process(tiny_setup, tmp_path):
     assert next(r for r in records if r["prompt_id"] == 0)["prompt"] == "What is shown in this image?"
 
 
+def _reference_damage(setup, layer, k, n_captions):
+    """Damage by hand: one caption at a time (no padding, no shared encoding), the vector added by a
+    plain forward pre-hook at the image tokens, the caption's NLL from log_softmax."""
+    from safetensors.torch import load_file
+
+    from lineofsight.data import load_image, read_sharegpt4v
+    from lineofsight.models import load_vlm
+    from lineofsight.prompts import CAPTION_QUESTION
+
+    model, processor = load_vlm(setup["model"])
+    vecs = load_file(setup["tmp"] / "vec" / "vectors.safetensors")
+    block = model.get_submodule(residual_site(model, layer))
+    prompt = format_prompt(processor, CAPTION_QUESTION)
+    records = read_sharegpt4v(setup["world"] / "sharegpt4v.json")[:n_captions]
+
+    def nll(v):
+        total, count = 0.0, 0
+        for rec in records:
+            text = prompt + " " + rec.caption
+            inputs = processor(text=[text], images=[load_image(setup["world"] / rec.image)], return_tensors="pt")
+            ids = inputs["input_ids"][0]
+            n = len(processor.tokenizer(text)["input_ids"]) - len(processor.tokenizer(prompt)["input_ids"])
+            mask = image_token_mask(inputs["input_ids"], model)[0]
+
+            def add(_module, args, kwargs, v=v, mask=mask):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                edited = hidden + k * mask[None, :, None] * v
+                return ((edited, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": edited})
+
+            handle = block.register_forward_pre_hook(add, with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    logp = model(**inputs).logits[0].float().log_softmax(-1)
+            finally:
+                handle.remove()
+            for pos in range(len(ids) - n, len(ids)):
+                total -= float(logp[pos - 1, ids[pos]])
+            count += n
+        return total / count
+
+    base = nll(torch.zeros_like(vecs[f"circle@square/{layer}"]))
+    steered = [nll(vecs[f"{pair}/{layer}"]) - base for pair in ("circle@square", "star@triangle")]
+    return base, sum(steered) / len(steered)
+
+
 def test_eval_steering_metrics(tiny_setup, tmp_path):
     result = eval_script.main(eval_script.Config(
         vectors=tiny_setup["tmp"] / "vec", layer=(1, 2), model=tiny_setup["model"],
@@ -171,12 +229,17 @@ def test_eval_steering_metrics(tiny_setup, tmp_path):
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]
     assert set(metrics) == {"1", "2"} and set(metrics["1"]) == {"0.0", "20.0"}
     for layer in ("1", "2"):
-        assert metrics[layer]["0.0"]["damage_nll"] == 0.0
         assert set(metrics[layer]["20.0"]) >= {"p_tgt", "p_src", "flip_rate", "damage_nll"}
-        assert metrics[layer]["20.0"]["damage_nll"] != 0.0
+    # Damage and the unsteered NLL equal a caption-by-caption computation by hand.
+    base, damage = _reference_damage(tiny_setup, 2, 20.0, 3)
+    assert metrics["2"]["0.0"]["caption_nll_unsteered"] == pytest.approx(base, rel=1e-4)
+    assert metrics["2"]["20.0"]["damage_nll"] == pytest.approx(damage, rel=1e-3, abs=1e-5)
+    assert abs(damage) > 1e-3  # the reference itself moved: the check is not 0 == 0
     assert result["n_captions"] == 3
     for plot in ("efficacy.png", "damage.png"):
         assert (tmp_path / "e" / plot).stat().st_size > 1000
+    run_record = json.loads((tmp_path / "e" / "run.json").read_text())
+    assert run_record["script"] == "steering/eval_steering.py" and run_record["status"] == "done"
 
 
 def test_rollouts_bad_layer(tiny_setup, tmp_path):

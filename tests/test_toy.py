@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 
+from lineofsight.cli import UserError
 from lineofsight.models import format_prompt, image_token_mask, layer_names, load_vlm
-from lineofsight.toy import CLASSES, TOY_MODEL_DIR, evaluate_toy, generate_world, heldout_samples
+from lineofsight.paths import TOY_MODEL_DIR
+from lineofsight.toy import CLASSES, evaluate_toy, generate_world, heldout_samples
 
 
 def _tree_digest(root: Path) -> str:
@@ -29,8 +34,6 @@ def test_world_is_deterministic_and_in_real_layouts(tmp_path):
     a, b = generate_world(tmp_path / "a", **kw), generate_world(tmp_path / "b", **kw)
     assert _tree_digest(a) == _tree_digest(b)
     assert _tree_digest(generate_world(tmp_path / "c", **{**kw, "seed": 4})) != _tree_digest(a)
-    import json
-
     index = json.loads((a / "imagenet" / "imagenet_class_index.json").read_text())
     assert [index[str(i)][1] for i in range(len(index))] == list(CLASSES) and len(CLASSES) >= 8
     for split, n in (("train", 2), ("val", 1)):
@@ -90,21 +93,68 @@ def test_toy_model_meets_its_quality_bar():
     assert result["yesno_acc"] >= 0.90, result
 
 
-def test_tiny_training_lowers_the_loss(tmp_path):
+def _train_tiny(out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "scripts/train_toy_vlm.py", "--tiny", "--out", str(tmp_path / "m")],
+    return subprocess.run([sys.executable, "scripts/train_toy_vlm.py", "--tiny", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_tiny_training_lowers_the_loss(tmp_path):
+    proc = _train_tiny(tmp_path / "m")
     assert proc.returncode == 0, proc.stderr[-2000:]
     start, end = map(float, re.search(r"stage 2 done in .*?loss ([\d.]+) -> ([\d.]+)", proc.stdout).groups())
     assert end < 0.5 * start, (start, end)
-    assert (tmp_path / "m" / "config.json").is_file()
+    script = load_script("scripts/train_toy_vlm.py")
+    written = {p.name for p in (tmp_path / "m").iterdir()} - {".lock"}
+    assert written == {*script.MODEL_FILES, "training.json", "run.json"}, written  # no temp folder left
+    record = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert record["script"] == "scripts/train_toy_vlm.py" and record["status"] == "done"
+    assert record["config"]["tiny"] is True and record["config"]["out"] == str(tmp_path / "m")
+    assert re.fullmatch(r"[0-9a-f]{40}", record["git_sha"]) and "torch" in record["versions"]
+    training = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert set(training["metrics"]) == {"n_images", "caption_acc", "forced_choice_acc", "yesno_acc"}
+    load_vlm(str(tmp_path / "m"))  # the folder is a model folder like any other
+
+
+def test_tiny_training_refuses_a_folder_it_did_not_write(tmp_path):
+    """A folder without a run record (a model someone saved, user files) is never written into."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    before = _tree_digest(out)
+    proc = _train_tiny(out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no run record" in lines[0], proc.stderr
+    assert _tree_digest(out) == before and {p.name for p in out.iterdir()} == {"config.json"}
+
+
+def test_eval_toy_writes_a_run_folder(tmp_path, small_world):
+    """eval_toy writes eval.json + run.json (config, git SHA) and replaces only its own run."""
+    script = load_script("scripts/eval_toy.py")
+    cfg = script.Config(world_dir=small_world, n_per_class=1, n_examples=1, out=tmp_path / "toy")
+    result = script.main(cfg)
+    saved = json.loads((tmp_path / "toy" / "eval.json").read_text())
+    assert saved["n_images"] == result["n_images"] == len(CLASSES) and "provenance" not in saved
+    assert saved["caption_acc"] == result["caption_acc"] and saved["bar"] == script.BAR
+    record = json.loads((tmp_path / "toy" / "run.json").read_text())
+    assert record["script"] == "scripts/eval_toy.py" and record["status"] == "done"
+    assert record["config"]["n_per_class"] == 1 and record["config"]["world_dir"] == str(small_world)
+    assert re.fullmatch(r"[0-9a-f]{40}", record["git_sha"]) and isinstance(record["git_dirty"], bool)
+    with pytest.raises(UserError, match="already holds a run"):
+        script.main(cfg)
+    (tmp_path / "toy" / "notes.txt").write_text("mine")
+    (tmp_path / "toy" / "eval.json").unlink()
+    script.main(dataclasses.replace(cfg, overwrite=True))
+    assert (tmp_path / "toy" / "notes.txt").read_text() == "mine" and (tmp_path / "toy" / "eval.json").is_file()
+    assert json.loads((tmp_path / "toy" / "run.json").read_text())["config"]["overwrite"] is True
 
 
 def test_default_world_is_generated_on_demand(tmp_path, monkeypatch):
     """Scripts whose defaults point into the toy world work on a fresh checkout (world git-ignored)."""
-    from lineofsight import toy
+    from lineofsight import paths, toy
 
-    monkeypatch.setattr(toy, "TOY_WORLD_DIR", tmp_path / "world")
+    monkeypatch.setattr(paths, "TOY_WORLD_DIR", tmp_path / "world")
     toy.ensure_toy_world(tmp_path / "elsewhere" / "x.json", None)
     assert not (tmp_path / "world").exists()
     toy.ensure_toy_world(tmp_path / "world" / "sharegpt4v.json")

@@ -16,7 +16,8 @@ CE loss recovered, ``1 - (CE_sae - CE_clean) / (CE_zero - CE_clean)``, is the ne
 the caption tokens of pass 1 with the layer's residual replaced by the SAE reconstruction
 (``CE_sae``) or by zeros (``CE_zero``) at the image positions, at the caption positions, or at
 both (``all``). Tokens are streamed batch by batch: no more than one batch of activations is
-held. Writes ``eval.json`` into ``--out`` and prints a table.
+held. Writes ``eval.json`` and the run record ``run.json`` into ``--out`` (an earlier evaluation
+there is replaced only with ``--overwrite``; see ``lineofsight/run.py``) and prints a table.
 
     python sae/evaluation/eval_sae.py --sae runs/sae/sae --offset 448 --out results/sae/eval   # toy
     python sae/evaluation/eval_sae.py --model llava-hf/llava-v1.6-mistral-7b-hf --dtype bfloat16 \\
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lineofsight.data import HeldOutRecords
+from lineofsight.run import Run, lifecycle
 
 SPLICES = ("image", "text", "all")
 GROUPS = ("all", "image", "text_in_context", "text_only")
@@ -46,7 +48,9 @@ class Config(HeldOutRecords):
     dense_threshold: float = 0.1
     """A latent active on more than this fraction of tokens counts as dense."""
     out: Path = Path("runs/sae-eval")
-    """Folder for eval.json."""
+    """Folder for eval.json (refused when it holds an earlier evaluation, unless --overwrite)."""
+    overwrite: bool = False
+    """Replace the evaluation already in --out (other files there are kept)."""
 
 
 class Stats:
@@ -97,19 +101,6 @@ def ce_recovered(clean: float, spliced: float, zero: float) -> float:
     return 1.0 - (spliced - clean) / (zero - clean) if zero != clean else float("nan")
 
 
-def caption_nll(logits_BTV: Any, input_ids_BT: Any, caption_BT: Any) -> tuple[float, int]:
-    """Summed next-token NLL over the caption positions (predicted from the position before) and
-    their count. ``logits_BTV`` may cover only the last positions of the rows (``logits_to_keep``)."""
-    import torch
-
-    lo = input_ids_BT.shape[1] - logits_BTV.shape[1]  # the first position with logits
-    target = caption_BT[:, lo + 1 :]
-    nll = torch.nn.functional.cross_entropy(
-        logits_BTV[:, :-1].float().transpose(1, 2), input_ids_BT[:, lo + 1 :], reduction="none"
-    )
-    return float(nll[target].sum()), int(target.sum())
-
-
 def evaluate(model: Any, sae: Any, harvester: Any, batches: Any, dense_threshold: float) -> dict[str, Any]:
     """Stream ``batches`` of ``(indices, captions, images)`` and return the metrics dict.
 
@@ -122,6 +113,7 @@ def evaluate(model: Any, sae: Any, harvester: Any, batches: Any, dense_threshold
 
     from lineofsight.harvest import TOKEN_TYPES
     from lineofsight.hooks import fork_batch
+    from lineofsight.metrics import caption_nll
     from lineofsight.models import layer_names
 
     layer = harvester.layers[0]
@@ -203,42 +195,46 @@ def print_table(metrics: dict[str, Any]) -> None:
           + f"  (clean CE {metrics['ce']['clean']:.3f} nats/token)")
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    import torch
-
+@lifecycle("sae/evaluation/eval_sae.py", outputs=("eval.json",))
+def main(cfg: Config, run: Run) -> dict[str, Any]:
     from lineofsight.data import SkipCounter
     from lineofsight.harvest import Harvester, record_batches
-    from lineofsight.io import provenance, write_json
-    from lineofsight.models import load_vlm, resolve_model_path
+    from lineofsight.models import resolve_model_path
     from lineofsight.sae import check_sae_fits, load_sae
-
-    start = time.perf_counter()
     from lineofsight.toy import ensure_toy_world
 
+    start = time.perf_counter()
+    run.setup(seed=0, device=cfg.device)
     ensure_toy_world(cfg.data)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sae = load_sae(cfg.sae, device)
     records = cfg.read_records()
+    sae = load_sae(cfg.sae, run.device)
     model_source = resolve_model_path(cfg.model)
-    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=device)
+    model, processor = run.load_model(cfg.model, cfg.dtype)
     layer = check_sae_fits(sae, model, model_source, None)
     types = sae.cfg.token_types or ("image", "text_in_context", "text_only")
     harvester = Harvester(model, processor, [layer], max_caption_tokens=cfg.max_caption_tokens,
                           types=tuple(set(types) | {"text_in_context"}))
     harvester.check_boundary(records[0].caption)
+    run.open(cfg.out, overwrite=cfg.overwrite)
+
     skips = SkipCounter()
     batches = record_batches(records, range(len(records)), cfg.root, cfg.batch_size, skips)
-    metrics = evaluate(model, sae, harvester, batches, cfg.dense_threshold)
+    metrics = evaluate(model, sae, harvester, _checked(run, batches), cfg.dense_threshold)
     metrics.update({"layer": layer, "sae": str(cfg.sae), "model": model_source, "n_records": len(records),
-                    "offset": cfg.offset, "skipped": skips.to_dict(), "wall_s": round(time.perf_counter() - start, 1),
-                    "provenance": provenance()})
-    write_json(Path(cfg.out) / "eval.json", metrics)
+                    "offset": cfg.offset, "skipped": skips.to_dict(), "wall_s": round(time.perf_counter() - start, 1)})
     print_table(metrics)
-    print(f"wrote {Path(cfg.out) / 'eval.json'}; {skips.summary()}")
-    return metrics
+    return run.finish(f"wrote {run.out / 'eval.json'} ({len(records)} records, layer {layer}); {skips.summary()}",
+                      metrics, "eval.json")
+
+
+def _checked(run: Run, batches: Any) -> Any:
+    """``batches``, with :meth:`Run.check_alive` before each."""
+    for batch in batches:
+        run.check_alive()
+        yield batch
 
 
 if __name__ == "__main__":
-    from lineofsight.cli import run
+    from lineofsight.cli import run as run_cli
 
-    run(main, Config)
+    run_cli(main, Config)

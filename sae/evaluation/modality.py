@@ -10,7 +10,8 @@ read in one forward), every latent gets
   modality it fires on (insensitive to how many tokens of each kind there are).
 
 Latents that never fire are left out. A live latent is image-only when its score is at least
-``--image-only``, text-only when at most ``--text-only``, shared in between. Outputs in ``--out``:
+``--image-only``, text-only when at most ``--text-only``, shared in between. Outputs in ``--out``
+(with the run record ``run.json``; an earlier analysis there is replaced only with ``--overwrite``):
 ``modality.json`` (per layer: shares of each category for both scores, histograms),
 ``modality_by_layer.png`` (shares vs layer: the paper's "increasingly shared in deeper layers"),
 ``modality_hist.png`` (score histograms per layer) and, for the strongest latent of each category
@@ -27,8 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from lineofsight.data import HeldOutRecords
+from lineofsight.run import Run, lifecycle
 
 CATEGORIES = ("image_only", "shared", "text_only")
+OUTPUTS = ("modality.json", "modality_by_layer.png", "modality_hist.png", "latent_L*.png")
+"""What the script writes into --out (what --overwrite removes)."""
 
 
 @dataclasses.dataclass
@@ -44,7 +48,9 @@ class Config(HeldOutRecords):
     top_k: int = 6
     """Top-activating images and text tokens shown per latent."""
     out: Path = Path("runs/modality")
-    """Output folder."""
+    """Output folder (refused when it holds an earlier analysis, unless --overwrite)."""
+    overwrite: bool = False
+    """Replace the analysis already in --out (other files there are kept)."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -64,19 +70,22 @@ def modality_scores(mass_image: Any, mass_text: Any) -> Any:
     return torch.where(total > 0, mass_image / total.clamp(min=1e-30), torch.full_like(total, float("nan")))
 
 
-def categorise(scores: Any, image_only: float, text_only: float) -> dict[str, float]:
-    """Shares of live latents (score not NaN) that are image-only, shared, text-only."""
+def category_masks(scores: Any, image_only: float, text_only: float) -> dict[str, Any]:
+    """Boolean masks over latents: image-only (score >= ``image_only``), text-only (score <=
+    ``text_only``), shared (in between, both ends excluded). A NaN score (a latent that never
+    fires) is in none of them."""
+    return {"image_only": scores >= image_only, "shared": (scores > text_only) & (scores < image_only),
+            "text_only": scores <= text_only}
+
+
+def categorise(scores: Any, image_only: float, text_only: float) -> dict[str, Any]:
+    """Shares of the live latents (score not NaN) that are image-only, shared and text-only, their
+    ``counts`` and ``n_live``."""
     import torch
 
-    live = ~torch.isnan(scores)
-    n = int(live.sum())
-    s = scores[live]
-    counts = {
-        "image_only": int((s >= image_only).sum()),
-        "text_only": int((s <= text_only).sum()),
-    }
-    counts["shared"] = n - counts["image_only"] - counts["text_only"]
-    return {**{k: v / max(n, 1) for k, v in counts.items()}, "n_live": n}
+    n = int((~torch.isnan(scores)).sum())
+    counts = {cat: int(mask.sum()) for cat, mask in category_masks(scores, image_only, text_only).items()}
+    return {**{cat: counts[cat] / max(n, 1) for cat in CATEGORIES}, "n_live": n, "counts": counts}
 
 
 class LatentStats:
@@ -210,35 +219,38 @@ def base_patch_box(type_index: int, image: Any, processor: Any) -> tuple[float, 
     return (col * w / side, row * h / side, w / side, h / side)
 
 
-def main(cfg: Config) -> dict[str, Any]:
+@lifecycle("sae/evaluation/modality.py", outputs=OUTPUTS)
+def main(cfg: Config, run: Run) -> dict[str, Any]:
     import torch
 
     from lineofsight.cli import UserError
     from lineofsight.data import SkipCounter, load_image
     from lineofsight.harvest import Harvester, record_batches
-    from lineofsight.io import provenance, write_json
-    from lineofsight.models import load_vlm, resolve_model_path
+    from lineofsight.models import resolve_model_path
     from lineofsight.sae import check_sae_fits, load_sae
-
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from lineofsight.toy import ensure_toy_world
 
+    run.setup(seed=0, device=cfg.device)
     ensure_toy_world(cfg.data)
-    saes = [load_sae(p, device) for p in cfg.saes]
     records = cfg.read_records()
+    saes = [load_sae(p, run.device) for p in cfg.saes]
     model_source = resolve_model_path(cfg.model)
-    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=device)
+    model, processor = run.load_model(cfg.model, cfg.dtype)
     layers = [check_sae_fits(sae, model, model_source, None) for sae in saes]
     if len(set(layers)) != len(layers):
         raise UserError(f"--saes: one SAE per layer expected, got layers {layers}")
     harvester = Harvester(model, processor, sorted(set(layers)), max_caption_tokens=cfg.max_caption_tokens)
     harvester.check_boundary(records[0].caption)
+    run.open(cfg.out, overwrite=cfg.overwrite)
+    device = run.device
+
     stats = [LatentStats(sae.cfg.d_sae, cfg.top_k) for sae in saes]
     registry: list[Any] = []  # per harvested batch: (sample, type, type_index, token_id)
     skips = SkipCounter()
     root = cfg.root
     n_seen = 0
     for idx, captions, images in record_batches(records, range(len(records)), root, cfg.batch_size, skips):
+        run.check_alive()
         if not idx:
             continue
         batch = harvester(captions, images, idx)
@@ -253,7 +265,7 @@ def main(cfg: Config) -> dict[str, Any]:
         raise UserError(f"no tokens harvested ({skips.summary()})")
     reg = torch.cat(registry)
 
-    out = Path(cfg.out)
+    out = run.out
     per_layer: dict[int, dict[str, Any]] = {}
     hists: dict[int, Any] = {}
     examples: dict[str, Any] = {}
@@ -266,10 +278,10 @@ def main(cfg: Config) -> dict[str, Any]:
                                                     max=1).long().tolist()
         per_layer[layer]["tokens_by_type"] = st.tokens.tolist()
         s = scores["mass"]
+        masks = category_masks(s, cfg.image_only, cfg.text_only)
         total_mass = st.mass.sum(0)
         for cat in CATEGORIES:
-            sel = {"image_only": s >= cfg.image_only, "text_only": s <= cfg.text_only}.get(
-                cat, (s > cfg.text_only) & (s < cfg.image_only))
+            sel = masks[cat]
             if not bool(sel.any()):
                 continue
             latent = int(torch.where(sel, total_mass, torch.full_like(total_mass, -1)).argmax())
@@ -304,17 +316,17 @@ def main(cfg: Config) -> dict[str, Any]:
     result = {"layers": {str(k): v for k, v in sorted(per_layer.items())}, "examples": examples,
               "thresholds": {"image_only": cfg.image_only, "text_only": cfg.text_only},
               "n_records": len(records), "n_tokens": n_seen, "skipped": skips.to_dict(), "model": model_source,
-              "saes": [str(p) for p in cfg.saes], "provenance": provenance()}
-    write_json(out / "modality.json", result)
+              "saes": [str(p) for p in cfg.saes]}
     print(f"{'layer':>5} {'live':>6} " + " ".join(f"{c:>11}" for c in CATEGORIES) + "   (mass-based score)")
     for layer in sorted(per_layer):
         m = per_layer[layer]["mass"]
         print(f"{layer:>5} {m['n_live']:>6} " + " ".join(f"{m[c]:>11.3f}" for c in CATEGORIES))
-    print(f"wrote {out}/modality.json, modality_by_layer.png, modality_hist.png; {skips.summary()}")
-    return result
+    return run.finish(f"wrote {out}/modality.json, modality_by_layer.png, modality_hist.png and "
+                      f"{len(examples)} latent plots ({n_seen} tokens of {len(records)} records); {skips.summary()}",
+                      result, "modality.json")
 
 
 if __name__ == "__main__":
-    from lineofsight.cli import run
+    from lineofsight.cli import run as run_cli
 
-    run(main, Config)
+    run_cli(main, Config)
