@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lineofsight.cli import UserError
+from lineofsight.io import check_shape, open_tensors, read_json, tensors_metadata
 
 if TYPE_CHECKING:
     from lineofsight.run import Run
@@ -38,6 +39,13 @@ __all__ = [
 ]
 
 
+def _shard_file(cache: Path, name: str, meta_path: Path) -> Path:
+    """A shard named in ``metadata.json``: a plain file name inside the cache folder."""
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise UserError(f"cache metadata {meta_path} lists a shard {name!r} that is not a file name in the cache")
+    return cache / name
+
+
 def key_hash(key: dict[str, Any]) -> str:
     """12 hex digits of the SHA-256 of ``key`` as canonical JSON."""
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -57,7 +65,7 @@ def cache_dir_for(out: Path, key: dict[str, Any], prefix: str) -> Path:
     own = out / "config.json"
     if own.is_file():
         try:
-            theirs = json.loads(own.read_text()).get("key", {})
+            theirs = json.loads(own.read_text(encoding="utf-8")).get("key", {})
         except (ValueError, UnicodeDecodeError, AttributeError):
             theirs = None
         if not isinstance(theirs, dict) or not theirs:
@@ -144,17 +152,18 @@ def write_activation_shard(cache: Path, shard: int, acts_NLD: Any, labels_N: Any
 
 def summarise_activation_shards(cache: Path, n_shards: int) -> dict[str, Any]:
     """Image count, d_model, shard names and the summed skips, from the shards' headers (cheap)."""
-    from safetensors import safe_open
-
     from lineofsight.data import SkipCounter
 
     skips = SkipCounter()
     n_images, d_model, shards = 0, None, []
     for shard in range(n_shards):
         path = shard_path(cache, shard)
-        with safe_open(str(path), framework="pt") as f:
-            skips.merge(json.loads(f.metadata()["skipped"]))
+        with open_tensors(path, _ACTS_SHARD) as f:
+            skips.merge(check_shape(tensors_metadata(f, path, _ACTS_SHARD, "skipped"), "object",
+                                    f"{_ACTS_SHARD} {path}: 'skipped'"))
             shape = f.get_slice("acts").get_shape()
+        if len(shape) != 3:
+            raise UserError(f"{_ACTS_SHARD} {path}: 'acts' has shape {shape}, expected [images, layers, d_model]")
         n_images += shape[0]
         d_model = shape[2]
         shards.append(path.name)
@@ -174,19 +183,50 @@ def read_activation_cache(cache: Path | str) -> dict[str, Any]:
 
     Returns ``acts`` [N, n_layers, D] float32, ``labels`` [N] (class-index labels), ``paths``
     (image paths relative to the ImageNet root) and ``meta`` (``metadata.json``).
+
+    Every file is checked: a ``metadata.json`` that is not JSON or lacks what the readers use, or a
+    shard that is missing, truncated or of the wrong shape, is a :class:`UserError` naming the file.
     """
     import torch
-    from safetensors import safe_open
 
     cache = find_cache(cache, "acts")
-    meta = json.loads((cache / "metadata.json").read_text())
+    meta_path = cache / "metadata.json"
+    meta = read_json(meta_path, "activation-cache metadata", required=_ACTS_META)
+    if len(meta["class_names"]) != len(meta["class_labels"]):
+        raise UserError(f"activation-cache metadata {meta_path}: 'class_names' and 'class_labels' differ in length")
+    if not meta["shards"]:
+        raise UserError(f"activation-cache metadata {meta_path} lists no shards")
+    n_layers = len(meta["layers"])
     acts, labels, paths = [], [], []
     for name in meta["shards"]:
-        with safe_open(str(cache / name), framework="pt") as f:
-            acts.append(f.get_tensor("acts").float())
-            labels.append(f.get_tensor("labels"))
-            paths += json.loads(f.metadata()["paths"])
-    return {"acts": torch.cat(acts), "labels": torch.cat(labels), "paths": paths, "meta": meta}
+        path = _shard_file(cache, name, meta_path)
+        with open_tensors(path, _ACTS_SHARD) as f:
+            acts_NLD, labels_N = f.get_tensor("acts"), f.get_tensor("labels")
+            shard_paths = check_shape(tensors_metadata(f, path, _ACTS_SHARD, "paths"), "list[str]",
+                                      f"{_ACTS_SHARD} {path}: 'paths'")
+        n = acts_NLD.shape[0] if acts_NLD.dim() == 3 else -1
+        if acts_NLD.dim() != 3 or acts_NLD.shape[1] != n_layers:
+            raise UserError(f"{_ACTS_SHARD} {path}: 'acts' has shape {list(acts_NLD.shape)}, expected "
+                            f"[images, {n_layers} layers, d_model] (metadata.json lists layers {meta['layers']})")
+        if list(labels_N.shape) != [n] or len(shard_paths) != n:
+            raise UserError(f"{_ACTS_SHARD} {path}: {n} activation rows but {labels_N.shape[0] if labels_N.dim() else 0} "
+                            f"labels and {len(shard_paths)} paths")
+        acts.append(acts_NLD.float())
+        labels.append(labels_N)
+        paths += shard_paths
+    widths = {a.shape[2] for a in acts}
+    if len(widths) != 1:
+        raise UserError(f"the shards of {cache} disagree on d_model: {sorted(widths)}")
+    labels_N = torch.cat(labels)
+    unknown = sorted(set(labels_N.unique().tolist()) - set(meta["class_labels"]))
+    if unknown:
+        raise UserError(f"the shards of {cache} hold labels {unknown[:5]} that metadata.json's 'class_labels' "
+                        "do not list")
+    return {"acts": torch.cat(acts), "labels": labels_N, "paths": paths, "meta": meta}
+
+
+_ACTS_SHARD = "activation-cache shard"
+_ACTS_META = {"shards": "list[str]", "layers": "list[int]", "class_names": "list[str]", "class_labels": "list[int]"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +235,9 @@ def read_activation_cache(cache: Path | str) -> dict[str, Any]:
 
 TOKEN_CACHE_VERSION = 1
 """Part of every token cache's key: a new shard layout gets a new version (and so a new folder)."""
+
+
+_TOKEN_SHARD = "token-cache shard"
 
 
 def write_token_shard(cache: Path, shard: int, tokens: Any, skipped: dict[str, Any]) -> Path:
@@ -211,7 +254,6 @@ def summarise_token_shards(cache: Path, n_shards: int) -> dict[str, Any]:
     """d_model, token counts (overall and by type), shard names and the summed skips of the shards:
     the part of a token cache's ``metadata.json`` that the shards determine."""
     import torch
-    from safetensors import safe_open
 
     from lineofsight.data import SkipCounter
     from lineofsight.harvest import TOKEN_TYPES
@@ -221,10 +263,17 @@ def summarise_token_shards(cache: Path, n_shards: int) -> dict[str, Any]:
     d_model, shards = None, []
     for shard in range(n_shards):
         path = shard_path(cache, shard)
-        with safe_open(str(path), framework="pt") as f:
-            skips.merge(json.loads(f.metadata()["skipped"]))
-            counts += torch.bincount(f.get_tensor("token_type").long(), minlength=len(TOKEN_TYPES))
-            d_model = f.get_slice("acts").get_shape()[2]
+        with open_tensors(path, _TOKEN_SHARD) as f:
+            skips.merge(check_shape(tensors_metadata(f, path, _TOKEN_SHARD, "skipped"), "object",
+                                    f"{_TOKEN_SHARD} {path}: 'skipped'"))
+            token_type = f.get_tensor("token_type").long()
+            shape = f.get_slice("acts").get_shape()
+        bad_codes = token_type.numel() > 0 and int(token_type.max()) >= len(TOKEN_TYPES)
+        if len(shape) != 3 or list(token_type.shape) != shape[:1] or bad_codes:
+            raise UserError(f"{_TOKEN_SHARD} {path}: 'acts' {shape} and 'token_type' {list(token_type.shape)} do not "
+                            "form a token shard")
+        counts += torch.bincount(token_type, minlength=len(TOKEN_TYPES))
+        d_model = shape[2]
         shards.append(path.name)
     return {"d_model": d_model, "token_types": list(TOKEN_TYPES), "n_tokens": int(counts.sum()),
             "n_tokens_by_type": dict(zip(TOKEN_TYPES, counts.tolist(), strict=True)), "shards": shards,
@@ -240,7 +289,6 @@ def read_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]
     does not hold, or no tokens of ``types``, is a :class:`UserError`.
     """
     import torch
-    from safetensors import safe_open
 
     from lineofsight.harvest import TOKEN_TYPES
 
@@ -248,19 +296,33 @@ def read_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]
     if bad:
         raise UserError(f"unknown token type(s) {', '.join(bad)}; valid: {', '.join(TOKEN_TYPES)}")
     cache = find_cache(path, "tokens")
-    meta = json.loads((cache / "metadata.json").read_text())
+    meta_path = cache / "metadata.json"
+    meta = read_json(meta_path, "token-cache metadata", required={"shards": "list[str]", "layers": "list[int]",
+                                                                    "key": "object"})
+    if not meta["layers"] or not meta["shards"]:
+        raise UserError(f"token-cache metadata {meta_path} lists no {'layers' if not meta['layers'] else 'shards'}")
     layer = meta["layers"][0] if layer is None else layer
     if layer not in meta["layers"]:
         raise UserError(f"--activations {cache} holds layers {meta['layers']}, not --layer {layer}")
     col = meta["layers"].index(layer)
     codes = torch.tensor([TOKEN_TYPES.index(t) for t in types], dtype=torch.uint8)
-    acts, kinds = [], []
+    acts, kinds, widths = [], [], set()
     for name in meta["shards"]:
-        with safe_open(str(cache / name), framework="pt") as f:
+        shard = _shard_file(cache, name, meta_path)
+        with open_tensors(shard, _TOKEN_SHARD) as f:
             token_type = f.get_tensor("token_type")
+            sliced = f.get_slice("acts")
+            shape = sliced.get_shape()
+            if len(shape) != 3 or shape[1] != len(meta["layers"]) or list(token_type.shape) != shape[:1]:
+                raise UserError(f"{_TOKEN_SHARD} {shard}: 'acts' has shape {shape} and 'token_type' "
+                                f"{list(token_type.shape)}; expected [tokens, {len(meta['layers'])} layers, d_model] "
+                                "and [tokens]")
             keep = torch.isin(token_type, codes)
-            acts.append(f.get_slice("acts")[:, col : col + 1, :][keep, 0].float())
+            acts.append(sliced[:, col : col + 1, :][keep, 0].float())
             kinds.append(token_type[keep])
+            widths.add(shape[2])
+    if len(widths) != 1:
+        raise UserError(f"the shards of {cache} disagree on d_model: {sorted(widths)}")
     acts_ND, types_N = torch.cat(acts), torch.cat(kinds)
     if len(types_N) == 0:
         raise UserError(f"--activations {cache} holds no tokens of types {', '.join(types)}")

@@ -7,11 +7,13 @@ exit code 2, never a traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["UserError", "run", "parse"]
+__all__ = ["UserError", "check_finite", "parse", "run"]
 
 C = TypeVar("C")
 
@@ -31,6 +33,27 @@ def parse(config_cls: type[C], args: Sequence[str] | None = None, description: s
     return tyro.cli(config_cls, args=args, description=description)
 
 
+def check_finite(cfg: Any, prefix: str = "") -> None:
+    """Refuse a config whose float options (alone or in a tuple) are NaN or infinite.
+
+    No option of this project means anything at NaN or infinity, and a NaN slips through every
+    range check (``nan < 0`` is False): a NaN strength never equals itself as a key, a NaN or
+    infinite learning rate destroys a run. Nested config dataclasses are checked too.
+    """
+    if not dataclasses.is_dataclass(cfg):
+        return
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        flag = f"--{prefix}{field.name.replace('_', '-')}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{prefix}{field.name.replace('_', '-')}.")
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{flag} {v}: not a finite number")
+
+
 def run(main: Callable[[C], object], config_cls: type[C], args: Sequence[str] | None = None) -> None:
     """Parse the command line into ``config_cls`` and call ``main(cfg)``.
 
@@ -38,6 +61,7 @@ def run(main: Callable[[C], object], config_cls: type[C], args: Sequence[str] | 
     """
     try:
         cfg = parse(config_cls, args, description=(sys.modules[main.__module__].__doc__ or None))
+        check_finite(cfg)
         main(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

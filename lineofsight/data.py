@@ -2,16 +2,17 @@
 
 ImageNet layout: ``<root>/imagenet_class_index.json`` (``{"0": ["n01440764", "tench"], ...}``)
 and ``<root>/<split>/<wnid>/<image files>``. Class names are matched case-insensitively, with
-``_`` and spaces interchangeable. Image problems (a file that is missing or does not decode)
-are never fatal and never silent: :class:`SkipCounter` counts them by reason and the scripts
-report the counts.
+``_`` and spaces interchangeable. Image problems (a file that is missing, does not decode or is a
+decompression bomb) and ShareGPT4V records of the wrong shape are never fatal and never silent:
+:class:`SkipCounter` counts them by reason and the scripts report the counts. Text files are read
+as UTF-8; anything else is a one-line :class:`UserError` naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from lineofsight.cli import UserError
+from lineofsight.io import read_json, read_text
 from lineofsight.models import Dtype
 
 __all__ = [
@@ -27,7 +29,9 @@ __all__ = [
     "ClassIndex",
     "CaptionRecord",
     "ImageItem",
+    "MAX_RESIZE",
     "SkipCounter",
+    "check_resize",
     "imagenet_items",
     "load_image",
     "pair_key",
@@ -62,8 +66,8 @@ class ClassIndex:
                 f"--imagenet-dir {root} has no imagenet_class_index.json (expected "
                 '{"0": ["n01440764", "tench"], ...} next to the split folders)'
             )
+        raw = read_json(path, "class index")
         try:
-            raw = json.loads(path.read_text())
             keys = sorted(raw, key=int)
             wnids = tuple(str(raw[k][0]) for k in keys)
             names = tuple(str(raw[k][1]) for k in keys)
@@ -99,7 +103,8 @@ def select_classes(index: ClassIndex, spec: str) -> list[int]:
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"--classes {spec!r}: expected 'all', a number, or a file of class names (no such file)")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    text = read_text(path, "--classes file")
+    names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not names:
         raise UserError(f"--classes {spec}: the file lists no class names")
     labels = [index.label(name) for name in names]
@@ -122,10 +127,8 @@ def parse_pair(text: str) -> tuple[str, str] | None:
 def read_class_pairs(path: Path | str, index: ClassIndex | None = None) -> list[tuple[str, str]]:
     """``src@tgt`` lines -> ``[(src, tgt)]``; names are checked against ``index`` when given."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"pairs file {path} does not exist")
     pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "pairs file").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -205,19 +208,41 @@ class SkipCounter:
         return f"skipped {self.total}: " + "; ".join(parts)
 
 
+MAX_RESIZE = 8192
+"""The largest ``--resize`` accepted: 8192 x 8192 RGB is 200 MB per image, far beyond any VLM's input."""
+
+
+def check_resize(resize: int | None, flag: str = "--resize") -> int | None:
+    """``resize`` if it is None or in ``1..MAX_RESIZE``, else :class:`UserError`. Scripts call it in
+    their config's ``__post_init__``, so a bad value fails before any work (and never inside a
+    DataLoader worker)."""
+    if resize is not None and (isinstance(resize, bool) or not 1 <= resize <= MAX_RESIZE):
+        raise UserError(f"{flag} {resize}: expected a side length in pixels from 1 to {MAX_RESIZE}")
+    return resize
+
+
 def load_image(path: Path | str, skips: SkipCounter | None = None, resize: int | None = None) -> Image.Image | None:
-    """RGB image at ``path`` (optionally resized to ``resize`` x ``resize``), or None, counted in ``skips``."""
+    """RGB image at ``path`` (optionally resized to ``resize`` x ``resize``), or None, counted in ``skips``.
+
+    Reasons: ``missing``; ``corrupt`` (does not decode); ``too large`` (more pixels than PIL's
+    decompression-bomb limit, twice ``Image.MAX_IMAGE_PIXELS``: a tiny PNG can claim 30000 x 30000
+    pixels and take gigabytes to decode). PIL's default limit is kept.
+    """
+    check_resize(resize)
     path = Path(path)
+    reason = None
     try:
         with Image.open(path) as im:
             image = im.convert("RGB")
     except FileNotFoundError:
+        reason = "missing"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning when made an error
+        reason = "too large"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        reason = "corrupt"
+    if reason is not None:
         if skips is not None:
-            skips.add("missing", str(path))
-        return None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        if skips is not None:
-            skips.add("corrupt", str(path))
+            skips.add(reason, str(path))
         return None
     if resize:
         image = image.resize((resize, resize), Image.Resampling.BICUBIC)
@@ -234,34 +259,66 @@ class CaptionRecord:
     caption: str
 
 
-def read_sharegpt4v(path: Path | str, limit: int | None = None) -> list[CaptionRecord]:
+def read_sharegpt4v(path: Path | str, limit: int | None = None, skips: SkipCounter | None = None
+                    ) -> list[CaptionRecord]:
     """Records of a ShareGPT4V-format JSON list (``{"id", "image", "conversations": [...]}``).
 
     The question is the first human turn without its ``<image>`` tag; the caption the first gpt
-    turn. Records without an image or a gpt turn are left out. :class:`UserError` when the file
-    is missing or not such a list.
+    turn. A record of the wrong shape (not an object, ``conversations`` not a list of
+    ``{"from", "value"}`` objects, a non-string image or turn value) is skipped as ``malformed
+    record``, and one without an image or without a human and a gpt turn as ``no image or
+    caption``; both are counted in ``skips`` (without ``skips``, a one-line warning on stderr
+    says how many). At most ``limit`` records are returned.
+
+    :class:`UserError` when ``limit`` is not positive, the file is missing, not UTF-8 JSON or
+    not a list, or none of its records is usable.
     """
+    if limit is not None and (isinstance(limit, bool) or limit < 1):
+        raise UserError(f"--limit must be positive, got {limit}")
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--data {path} does not exist")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as err:
-        raise UserError(f"--data {path} is not JSON: {err}") from None
-    if not isinstance(raw, list):
-        raise UserError(f"--data {path}: expected a JSON list of ShareGPT4V records")
-    records = []
-    for rec in raw:
-        turns = rec.get("conversations", []) if isinstance(rec, dict) else []
-        human = next((t["value"] for t in turns if t.get("from") == "human"), None)
-        gpt = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
-        if not rec.get("image") or human is None or gpt is None:
+    raw = read_json(path, "--data", shape="list")
+    counter = SkipCounter() if skips is None else skips
+    before = counter.total
+    records: list[CaptionRecord] = []
+    for i, rec in enumerate(raw):
+        parsed = _caption_record(rec, default_id=str(len(records)))
+        if isinstance(parsed, str):
+            counter.add(parsed, f"{path.name} record {i}")
             continue
-        question = human.replace("<image>", "").strip()
-        records.append(CaptionRecord(str(rec.get("id", len(records))), rec["image"], question, gpt.strip()))
+        records.append(parsed)
         if limit is not None and len(records) >= limit:
             break
+    n_skipped = counter.total - before
+    if not records:
+        detail = f" ({counter.summary()})" if n_skipped else ""
+        raise UserError(f"--data {path}: none of its {len(raw)} records is a usable ShareGPT4V record{detail}")
+    if skips is None and n_skipped:
+        print(f"warning: --data {path}: {counter.summary()}", file=sys.stderr, flush=True)
     return records
+
+
+def _caption_record(rec: Any, default_id: str) -> CaptionRecord | str:
+    """One ShareGPT4V record as a :class:`CaptionRecord`, or why it is skipped."""
+    malformed, unusable = "malformed record", "no image or caption"
+    if not isinstance(rec, dict):
+        return malformed
+    turns, image = rec.get("conversations"), rec.get("image")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        return malformed
+    if image is not None and not isinstance(image, str):
+        return malformed
+    first: dict[str, str] = {}  # the first human and the first gpt turn
+    for turn in turns:
+        who = turn.get("from")
+        if who in ("human", "gpt") and who not in first:
+            if not isinstance(turn.get("value"), str):
+                return malformed
+            first[who] = turn["value"]
+    human, gpt = first.get("human"), first.get("gpt")
+    if not image or human is None or gpt is None:
+        return unusable
+    rec_id = rec.get("id", default_id)
+    return CaptionRecord(str(rec_id), image, human.replace("<image>", "").strip(), gpt.strip())
 
 
 def _toy_captions() -> Path:
@@ -296,12 +353,15 @@ class HeldOutRecords:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_caption_tokens < 1:
             raise UserError("--batch-size and --max-caption-tokens must be positive")
-        if self.offset < 0 or (self.limit is not None and self.limit < 1):
-            raise UserError("--offset must be >= 0 and --limit positive")
+        if self.offset < 0:
+            raise UserError(f"--offset must be >= 0, got {self.offset}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be positive, got {self.limit}")
 
-    def read_records(self) -> list[CaptionRecord]:
-        """The records ``[offset : offset + limit]`` of ``--data``; :class:`UserError` when none are left."""
-        records = read_sharegpt4v(self.data)[self.offset :]
+    def read_records(self, skips: SkipCounter | None = None) -> list[CaptionRecord]:
+        """The records ``[offset : offset + limit]`` of ``--data``; :class:`UserError` when none are left.
+        Malformed records are counted in ``skips`` (see :func:`read_sharegpt4v`)."""
+        records = read_sharegpt4v(self.data, skips=skips)[self.offset :]
         records = records[: self.limit] if self.limit is not None else records
         if not records:
             raise UserError(f"--data {self.data} has no records after --offset {self.offset}")

@@ -6,19 +6,35 @@ on GPUs, gloo on CPU, so tests can run ``torchrun --nproc_per_node 2`` on a lapt
 the device to ``LOCAL_RANK`` and seeds each rank differently; in a single process it does
 none of that. The reductions below are no-ops in a single process, so the same code runs
 both ways.
+
+**Collective timeout.** Every collective waits at most ``timeout_s`` (argument of :func:`setup`,
+else ``$LINEOFSIGHT_DIST_TIMEOUT_S``, else 1800 s) for the other ranks. A rank that is frozen
+(``SIGSTOP``, a hung filesystem), lost with its node, or stuck far behind would otherwise hang the
+job forever. With gloo (CPU) the waiting ranks then stop with a one-line :class:`UserError` that
+names this rank and, when it is known, the one it waited for: the helpers below translate the
+error, and :func:`guard` does the same for collectives torch runs by itself (DDP's gradient
+all-reduce in ``backward``). With nccl, torch's watchdog ends the process after the same timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 
+from lineofsight.cli import UserError
+
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "TIMEOUT_ENV",
     "DistInfo",
     "all_gather_object",
     "all_reduce",
@@ -26,6 +42,8 @@ __all__ = [
     "broadcast",
     "broadcast_object",
     "cleanup",
+    "collective_timeout_s",
+    "guard",
     "is_main",
     "keep_freed_cpu_memory",
     "print0",
@@ -57,19 +75,49 @@ def _launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def setup(seed: int | None = None, device: str | None = None) -> DistInfo:
+TIMEOUT_ENV = "LINEOFSIGHT_DIST_TIMEOUT_S"
+"""Environment variable: seconds a collective waits for the other ranks (when ``setup`` is not given one)."""
+DEFAULT_TIMEOUT_S = 1800.0
+"""Generous: rank 0 may spend minutes alone (writing a checkpoint, preparing a cache) while the others wait."""
+_timeout_s = DEFAULT_TIMEOUT_S
+
+
+def collective_timeout_s(timeout_s: float | None = None) -> float:
+    """``timeout_s``, else ``$LINEOFSIGHT_DIST_TIMEOUT_S``, else :data:`DEFAULT_TIMEOUT_S`; a
+    :class:`UserError` unless it is a finite number of seconds > 0."""
+    where = "timeout_s"
+    if timeout_s is None:
+        raw = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not raw:
+            return DEFAULT_TIMEOUT_S
+        where = f"${TIMEOUT_ENV}"
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise UserError(f"{where}={raw!r}: expected a number of seconds > 0") from None
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise UserError(f"{where}={timeout_s}: expected a finite number of seconds > 0")
+    return float(timeout_s)
+
+
+def setup(seed: int | None = None, device: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Initialise the process group when launched by torchrun; pick the device; seed.
 
     Args:
         seed: base seed; rank ``r`` is seeded with ``seed + r`` (python, numpy, torch).
         device: ``"cpu"``, ``"cuda"`` or ``None`` (cuda when available, else cpu).
+        timeout_s: how long a collective waits for the other ranks before this rank stops
+            (see the module docstring); default ``$LINEOFSIGHT_DIST_TIMEOUT_S`` or 1800 s.
     """
+    global _timeout_s
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if _launched_by_torchrun() and not torch_dist.is_initialized():
+        _timeout_s = collective_timeout_s(timeout_s)
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                      timeout=timedelta(seconds=_timeout_s))
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if not use_cuda:
         keep_freed_cpu_memory()
@@ -148,9 +196,51 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
 
 
+# What gloo says when a collective gave up: a peer that did not answer within the timeout, or one
+# whose connection broke (its process died, its node went away).
+_TIMED_OUT = ("timed out", "timeout")
+_LOST = ("connection closed", "connection reset", "broken pipe", "connection refused", "no route to host")
+
+
+def _failure(err: BaseException, what: str) -> str | None:
+    """The one-line report of a collective that timed out or lost a peer, or None for other errors."""
+    text = str(err).strip()
+    low = text.lower()
+    if not isinstance(err, RuntimeError) or not _active():
+        return None
+    timed_out = any(p in low for p in _TIMED_OUT)
+    if not timed_out and not any(p in low for p in _LOST):
+        return None
+    me, n = rank(), world_size()
+    # Two ranks: the one this rank waited for is the other. More: gloo does not say which.
+    peer = f"rank {1 - me}" if n == 2 else "another rank"
+    where = f"rank {me} of {n}: {what}"
+    if timed_out:
+        return (f"{where} timed out after {_timeout_s:g} s waiting for {peer} (frozen, lost or stuck; "
+                f"${TIMEOUT_ENV} sets the limit); stopping")
+    # gloo: "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:30134. This is typically ..."
+    detail = text.splitlines()[0].split("] ", 1)[-1].split(". ", 1)[0][:160] if text else type(err).__name__
+    return f"{where} lost its connection to {peer} (its process died or its node was lost: {detail}); stopping"
+
+
+@contextlib.contextmanager
+def guard(what: str = "a collective operation") -> Iterator[None]:
+    """Turn a collective inside the block that timed out or lost a peer into a one-line
+    :class:`UserError` naming this rank (for collectives torch runs itself, e.g. DDP's backward);
+    any other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        message = _failure(err, what)
+        if message is None:
+            raise
+        raise UserError(message) from None
+
+
 def barrier() -> None:
     if _active():
-        torch_dist.barrier()
+        with guard("a barrier"):
+            torch_dist.barrier()
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -158,18 +248,20 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if not _active():
         return tensor
     ops = {"sum": torch_dist.ReduceOp.SUM, "max": torch_dist.ReduceOp.MAX, "min": torch_dist.ReduceOp.MIN}
-    if op == "mean":
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-        tensor /= world_size()
-    else:
-        torch_dist.all_reduce(tensor, op=ops[op])
+    with guard("an all-reduce"):
+        if op == "mean":
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+            tensor /= world_size()
+        else:
+            torch_dist.all_reduce(tensor, op=ops[op])
     return tensor
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Copy rank ``src``'s ``tensor`` to every rank, in place; returns it."""
     if _active():
-        torch_dist.broadcast(tensor, src=src)
+        with guard(f"a broadcast from rank {src}"):
+            torch_dist.broadcast(tensor, src=src)
     return tensor
 
 
@@ -178,7 +270,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not _active():
         return obj
     box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
+    with guard(f"a broadcast from rank {src}"):
+        torch_dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -187,5 +280,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not _active():
         return [obj]
     out: list[Any] = [None] * world_size()
-    torch_dist.all_gather_object(out, obj)
+    with guard("an all-gather"):
+        torch_dist.all_gather_object(out, obj)
     return out

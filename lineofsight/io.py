@@ -7,16 +7,20 @@ to safetensors, everything else to JSON; nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "provenance", "save_figure", "save_tensors", "write_json"]
+from lineofsight.cli import UserError
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "check_shape", "json_type", "load_tensors", "open_tensors",
+           "provenance", "read_json", "read_text", "save_figure", "save_tensors", "tensors_metadata", "write_json"]
 
 
 def _umask() -> int:
@@ -94,3 +98,136 @@ def save_figure(fig: Any, path: Path | str) -> Path:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading artifacts: a missing, truncated or malformed file is a one-line UserError naming it.
+# (The readers that match the writers above, write_json and save_tensors; every module that reads
+# an artifact goes through them.)
+# ---------------------------------------------------------------------------------------------
+
+# JSON shapes that read_json can require: name -> (test, how the message says it).
+_SHAPES: dict[str, tuple[Any, str]] = {
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "list[int]": (lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+                  "a list of integers"),
+}
+
+
+def json_type(value: Any) -> str:
+    """How a message names the JSON type of ``value`` (``a list``, ``a string``, ``null``, ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    for kind in ("object", "list", "str", "number"):
+        if _SHAPES[kind][0](value):
+            return _SHAPES[kind][1]
+    return type(value).__name__
+
+
+def check_shape(value: Any, shape: str, where: str) -> Any:
+    """``value`` if it has the JSON ``shape`` (a key of ``_SHAPES``), else :class:`UserError` ``"{where} should be ..."``."""
+    test, name = _SHAPES[shape]
+    if not test(value):
+        actual = json_type(value)
+        if shape.startswith("list[") and isinstance(value, list):
+            item = next(x for x in value if not _SHAPES[shape[5:-1]][0](x))
+            actual = f"a list holding {json_type(item)} ({item!r:.40})"
+        raise UserError(f"{where} should be {name}, not {actual}")
+    return value
+
+
+def read_text(path: Path | str, what: str) -> str:
+    """The text of ``path`` (UTF-8, a leading BOM dropped); :class:`UserError` ``"{what} {path} ..."`` when
+    it is missing, a folder, unreadable or not UTF-8 (naming the line of the first bad byte)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{what} {path} cannot be read ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{what} {path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line})") from None
+
+
+def read_json(path: Path | str, what: str, shape: str = "object", required: Mapping[str, str] | None = None) -> Any:
+    """The JSON value in ``path``, which must have ``shape`` (``object``, ``list``, ...; see ``_SHAPES``)
+    and, for an object, hold every key of ``required`` with the shape given there.
+
+    :class:`UserError` ``"{what} {path} ..."`` names the problem: missing, not UTF-8, not JSON
+    (with line and column), the wrong shape, a missing key, a key of the wrong shape.
+    """
+    text = read_text(path, what)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+                        ) from None
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{what} {path} is not valid JSON ({err})") from None
+    check_shape(value, shape, f"{what} {path}")
+    for key, key_shape in (required or {}).items():
+        if key not in value:
+            raise UserError(f"{what} {path} has no {key!r} entry")
+        check_shape(value[key], key_shape, f"{what} {path}: {key!r}")
+    return value
+
+
+def _tensor_problem(err: Exception) -> str:
+    return str(err).strip().splitlines()[0].removeprefix("Error while deserializing header: ") if str(err) else (
+        type(err).__name__)
+
+
+@contextlib.contextmanager
+def open_tensors(path: Path | str, what: str) -> Iterator[Any]:
+    """``safetensors.safe_open(path)`` (torch tensors). A missing, empty, truncated or non-safetensors
+    file, and a tensor asked of the handle that the file lacks, are :class:`UserError` naming ``path``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{what} {path} is truncated or not a safetensors file ({_tensor_problem(err)})") from None
+    with handle as f:
+        try:
+            yield f
+        except SafetensorError as err:
+            raise UserError(f"{what} {path}: {_tensor_problem(err)}") from None
+
+
+def tensors_metadata(f: Any, path: Path | str, what: str, key: str) -> Any:
+    """The JSON value stored under ``key`` in the header metadata of an open safetensors file ``f``."""
+    meta = f.metadata() or {}
+    if key not in meta:
+        raise UserError(f"{what} {path} has no {key!r} in its header metadata")
+    try:
+        return json.loads(meta[key])
+    except ValueError:
+        raise UserError(f"{what} {path}: its header metadata {key!r} is not valid JSON") from None
+
+
+def load_tensors(path: Path | str, what: str, keys: Iterable[str] = ()) -> dict[str, Any]:
+    """Every tensor of a safetensors file on the CPU (what ``safetensors.torch.load_file`` gives), or a
+    :class:`UserError` naming ``path`` when it is missing, truncated, not safetensors or lacks one of ``keys``."""
+    with open_tensors(path, what) as f:
+        names = list(f.keys())
+        missing = [k for k in keys if k not in names]
+        if missing:
+            raise UserError(f"{what} {path} holds no tensor {', '.join(map(repr, missing))} "
+                            f"(it holds {', '.join(names[:8]) or 'none'})")
+        return {name: f.get_tensor(name) for name in names}

@@ -5,7 +5,13 @@ Scripts never walk attribute chains such as ``model.model.language_model.layers`
 (transformers 5 moved them, and other backbones name them differently); they ask:
 
 - :func:`load_vlm` -- model + processor from an HF id, a local ``save_pretrained``
-  directory, or ``"toy"`` (the embedded default in ``data/toy/model``).
+  directory, or ``"toy"`` (the embedded default in ``data/toy/model``); :func:`check_model` --
+  its cheap checks alone (config readable, a supported type, no custom code, weights present),
+  for scripts to call before heavy work.
+
+Code shipped with a model is never run: every transformers loader gets ``trust_remote_code=False``
+and a model whose configs ask for custom classes (``auto_map``) is refused up front, so
+transformers never gets to ask on stdin. Weights are read from safetensors only (never unpickled).
 - :func:`layer_names` -- dotted names of the text decoder blocks, found by structure
   (the ``ModuleList`` of length ``num_hidden_layers`` next to the token embedding).
 - :func:`residual_site` -- where to read or edit the residual stream at ``layer``.
@@ -36,8 +42,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "SUPPORTED_MODEL_TYPES",
     "Dtype",
     "check_layer",
+    "check_model",
     "final_norm_name",
     "format_prompt",
     "image_token_id",
@@ -55,6 +63,12 @@ __all__ = [
 Dtype = Literal["float32", "bfloat16", "float16"]
 """A model or storage dtype, as every script's ``--dtype`` / ``--save-dtype`` spells it."""
 DTYPES: tuple[str, ...] = get_args(Dtype)
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llava_next", "llava")
+"""``model_type`` values of the configs this project loads (LLaVA-NeXT and LLaVA-1.5 layouts)."""
+
+# Configs a model folder may hold; any of them with an ``auto_map`` asks for code shipped with the model.
+_CONFIG_FILES = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 # Substrings of module names that belong to the vision side of a VLM.
 _VISION_PARTS = ("vision", "visual", "multi_modal_projector", "image_newline")
@@ -101,6 +115,89 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def check_model(model: str) -> str:
+    """The cheap checks of ``--model``, before any weights are read; returns the source for
+    ``from_pretrained`` (as :func:`resolve_model_path`). :class:`UserError` when
+
+    - it is neither ``"toy"``, a model folder nor a Hugging Face id (:func:`resolve_model_path`);
+    - its ``config.json`` cannot be read (missing, not UTF-8 JSON; for an id: not reachable);
+    - a config asks for custom code (``auto_map``): refused, never run and never asked about;
+    - its ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES`;
+    - (a folder) it has no ``*.safetensors`` weights, a shard its index lists is missing, or a
+      weights file is empty, truncated or not safetensors (only the headers are read).
+    """
+    from lineofsight.io import read_json
+
+    source = resolve_model_path(model)
+    folder = Path(source) if Path(source).is_dir() else None
+    config_path = folder / "config.json" if folder is not None else _hub_config(model, source)
+    config = read_json(config_path, f"--model {model}: config")
+    configs = {"config.json": config}
+    if folder is not None:  # a hub model's other configs are not downloaded yet; transformers refuses their code
+        configs.update({name: read_json(folder / name, f"--model {model}: {name}")
+                        for name in _CONFIG_FILES[1:] if (folder / name).is_file()})
+    for name, contents in configs.items():
+        if "auto_map" in contents:
+            raise UserError(
+                f"--model {model}: {name} asks for custom code shipped with the model (auto_map); lineofsight never "
+                "runs a model's own code (trust_remote_code=False). Use a model that transformers supports natively"
+            )
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"--model {model} is a {model_type!r} model (config.json model_type); supported are LLaVA-style "
+            f"vision-language models of type {' or '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if folder is not None:
+        _check_weights(model, folder)
+    return source
+
+
+def _hub_config(model: str, repo_id: str) -> Path:
+    """``config.json`` of a hub model, from the local cache or downloaded (a few KB)."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(repo_id, "config.json")
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"--model {model!r} could not be loaded: expected a local directory with config.json, "
+            f"a Hugging Face id reachable from this machine, or 'toy' ({_first_line(err)})"
+        ) from None
+    if path is None:
+        raise UserError(f"--model {model!r} could not be loaded: the hub repository has no config.json")
+    return Path(path)
+
+
+def _check_weights(model: str, folder: Path) -> None:
+    """Every safetensors weights file of ``folder`` is present and has a valid header (cheap: header only)."""
+    from lineofsight.io import open_tensors, read_json
+
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = read_json(index_path, f"--model {model}: weights index", required={"weight_map": "object"})
+        files = sorted({str(name) for name in index["weight_map"].values()})
+        missing = [name for name in files if Path(name).name != name or not (folder / name).is_file()]
+        if missing or not files:
+            raise UserError(f"--model {model}: {index_path.name} lists weights files that are missing: "
+                            f"{', '.join(missing[:3]) or 'none listed'}")
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = (f"; {', '.join(pickled[:2])} (pickle) are not loaded: save the model with "
+                "save_pretrained(safe_serialization=True)") if pickled else ""
+        raise UserError(f"--model {model}: {folder} holds config.json but no weights (*.safetensors){hint}")
+    for name in files:
+        with open_tensors(folder / name, f"--model {model}: weights file"):
+            pass
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_vlm(
     model: str,
     dtype: str | torch.dtype = "float32",
@@ -115,28 +212,39 @@ def load_vlm(
         device: where to put the weights.
 
     Raises:
-        UserError: ``model`` is neither a model directory nor a loadable id.
+        UserError: ``model`` fails :func:`check_model`, or its config, processor or weights do not
+            load (one line naming the model; the processor is loaded first, being the cheaper).
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoProcessor
 
     torch_dtype = _torch_dtype(dtype)
-    source = resolve_model_path(model)
+    source = check_model(model)
     try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as err:
         raise UserError(
             f"--model {model!r} could not be loaded: expected a local directory with config.json, "
-            f"a Hugging Face id reachable from this machine, or 'toy' ({first_line})"
+            f"a Hugging Face id reachable from this machine, or 'toy' ({_first_line(err)})"
         ) from None
+    try:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UserError(f"--model {model}: its processor (tokenizer and image processor files) could not be "
+                        f"loaded ({type(err).__name__}: {_first_line(err)})") from None
     if torch.device(device).type == "cpu":
         from lineofsight.dist import keep_freed_cpu_memory
 
         keep_freed_cpu_memory()
     model_cls = _model_class(config.model_type)
-    vlm = model_cls.from_pretrained(source, dtype=torch_dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(source)
+    try:
+        vlm = model_cls.from_pretrained(source, config=config, dtype=torch_dtype, trust_remote_code=False,
+                                        use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"--model {model}: its weights could not be loaded ({type(err).__name__}: "
+                        f"{_first_line(err)})") from None
+    vlm = vlm.to(device).eval()
     _fix_processor(processor, vlm)
     return vlm, processor
 
@@ -148,7 +256,7 @@ def _model_class(model_type: str) -> type:
         "llava_next": transformers.LlavaNextForConditionalGeneration,
         "llava": transformers.LlavaForConditionalGeneration,
     }
-    return known.get(model_type, transformers.AutoModelForImageTextToText)
+    return known[model_type]  # check_model admits only SUPPORTED_MODEL_TYPES
 
 
 def _fix_processor(processor: Any, model: nn.Module) -> None:

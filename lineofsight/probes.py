@@ -12,7 +12,6 @@ Per layer L, in the probe folder:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,13 +47,23 @@ def save_probe(folder: Path, layer: int, probe: dict[str, torch.Tensor], class_n
 
 
 def load_probe(folder: Path, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The multiclass probe of ``layer`` written by :func:`save_probe`, and its JSON."""
-    from safetensors.torch import load_file
+    """The multiclass probe of ``layer`` written by :func:`save_probe`, and its JSON; a file that is
+    missing, truncated or malformed, or tensors that disagree with the JSON, are a :class:`UserError`."""
+    from lineofsight.io import load_tensors, read_json
 
     path = _probe_path(folder, layer)
     if not path.is_file():
         raise UserError(f"{folder} has no probe for layer {layer} ({path.name}); run probes/train_probe.py")
-    return load_file(path), json.loads((Path(folder) / f"probe_layer{layer}.json").read_text())
+    info_path = Path(folder) / f"probe_layer{layer}.json"
+    info = read_json(info_path, "probe description", required={"class_names": "list[str]", "d_model": "int"})
+    probe = load_tensors(path, "probe", keys=("weight", "bias", "mean", "std"))
+    n_classes, d_model = len(info["class_names"]), info["d_model"]
+    shapes = {"weight": [n_classes, d_model], "bias": [n_classes], "mean": [d_model], "std": [d_model]}
+    for name, shape in shapes.items():
+        if list(probe[name].shape) != shape:
+            raise UserError(f"probe {path}: {name} has shape {list(probe[name].shape)}, but {info_path.name} "
+                            f"({n_classes} classes, d_model {d_model}) says {shape}")
+    return probe, info
 
 
 def probe_logits(probe: dict[str, torch.Tensor], x_ND: torch.Tensor) -> torch.Tensor:
@@ -72,9 +81,13 @@ def save_pair_probes(folder: Path, layer: int, directions: dict[str, torch.Tenso
 
 def load_pair_probes(folder: Path, layer: int) -> dict[str, torch.Tensor]:
     """The ``{"src@tgt": direction}`` of ``layer`` written by :func:`save_pair_probes`."""
-    from safetensors.torch import load_file
+    from lineofsight.io import load_tensors
 
     path = _pairs_path(folder, layer)
     if not path.is_file():
         raise UserError(f"--probes {folder} has no {path.name}; run probes/train_probe.py with --pairs")
-    return load_file(path)
+    directions = load_tensors(path, "pair probes")
+    widths = {tuple(d.shape) for d in directions.values()}
+    if len(widths) > 1 or any(len(w) != 1 for w in widths):
+        raise UserError(f"pair probes {path} should hold one vector [d_model] per pair, found shapes {sorted(widths)}")
+    return directions

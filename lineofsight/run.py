@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lineofsight.cli import UserError
+from lineofsight.cli import UserError, check_finite
 from lineofsight.paths import REPO_ROOT
 
 if TYPE_CHECKING:
@@ -136,12 +136,14 @@ class Run:
 
     # ---- set-up ---------------------------------------------------------------------------------
 
-    def setup(self, seed: int | None = 0, device: str | None = None) -> DistInfo:
+    def setup(self, seed: int | None = 0, device: str | None = None, timeout_s: float | None = None) -> DistInfo:
         """Join torchrun's process group when launched by it, choose the device, seed every RNG.
 
         ``device``: ``None`` (this rank's GPU if there is one, else the CPU), ``"cpu"``, ``"cuda"``
         or ``"cuda:N"``; anything else, or CUDA on a machine without it, is a :class:`UserError`.
-        Rank r is seeded with ``seed + r``.
+        Rank r is seeded with ``seed + r``. ``timeout_s``: how long a collective waits for the
+        other ranks before this rank stops with a one-line error (default
+        ``$LINEOFSIGHT_DIST_TIMEOUT_S``, else 1800 s; see :mod:`lineofsight.dist`).
         """
         import torch
 
@@ -153,7 +155,7 @@ class Run:
                 raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:N")
             if kind == "cuda" and not torch.cuda.is_available():
                 raise UserError(f"--device {device}: no CUDA device is available on this machine")
-        self.info = dist.setup(seed=seed, device=device)
+        self.info = dist.setup(seed=seed, device=device, timeout_s=timeout_s)
         if dist._launched_by_torchrun():
             self._parent = os.getppid()
         return self.info
@@ -358,6 +360,7 @@ def lifecycle(script: str, outputs: Sequence[str] = (), resumable: bool = False
     def wrap(fn: Callable[[C, Run], R]) -> Callable[[C], R]:
         @functools.wraps(fn)
         def main(cfg: C) -> R:
+            check_finite(cfg)
             run = Run(script, cfg, outputs=outputs, resumable=resumable)
             try:
                 return fn(cfg, run)

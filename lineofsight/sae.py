@@ -99,9 +99,43 @@ class SAEConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> SAEConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
+    def from_json(cls, obj: Any) -> SAEConfig:
+        """The config of a ``cfg.json`` (unknown keys ignored); :class:`SAEError` naming the first
+        field that is missing or of the wrong type."""
+        if not isinstance(obj, dict):
+            raise SAEError(f"expected a JSON object, got {type(obj).__name__}")
+        for name in ("d_in", "d_sae"):
+            if name not in obj:
+                raise SAEError(f"it has no {name!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in names:
+            kind = _FIELD_KINDS.get(name, str)
+            if name in obj and not _json_fits(obj[name], kind):
+                raise SAEError(f"{name!r} is {obj[name]!r}, not {_KIND_NAMES[kind]}")
         return cls(**{k: v for k, v in obj.items() if k in names})
+
+
+# The JSON types of SAEConfig's fields (what from_json accepts): int, float (an int too),
+# float | None, int | None, list of str; every other field is a string.
+_FIELD_KINDS: dict[str, Any] = {
+    "d_in": int, "d_sae": int, "k": int, "aux_k": int, "dead_after_tokens": int,
+    "l1_coefficient": float, "aux_coefficient": float, "act_scale": float, "decoder_init_norm": float,
+    "threshold": (float, None), "layer": (int, None), "token_types": list,
+}
+_KIND_NAMES = {int: "an integer", float: "a number", (float, None): "a number or null",
+               (int, None): "an integer or null", list: "a list of strings", str: "a string"}
+
+
+def _json_fits(value: Any, kind: Any) -> bool:
+    if isinstance(kind, tuple):
+        return value is None or _json_fits(value, kind[0])
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -308,17 +342,38 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def load(cls, folder: Path | str, *, device: Any = None, dtype: Any = None) -> SparseAutoencoder:
-        from safetensors.torch import load_file
+        """The SAE saved in ``folder`` by :meth:`save`. :class:`SAEError` naming the file when either
+        file is missing, ``cfg.json`` is not a valid config, the weights file is truncated or not
+        safetensors, or its tensors do not have the shapes ``cfg.json`` gives (``d_in``, ``d_sae``)."""
+        from lineofsight.io import load_tensors, read_json
 
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
             raise SAEError(f"{folder} is not an SAE folder (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
         try:
-            cfg = SAEConfig.from_json(json.loads((folder / CONFIG_FILE).read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise SAEError(f"{folder / CONFIG_FILE} is not a valid SAE config: {e}") from None
+            obj = read_json(folder / CONFIG_FILE, "SAE config")
+            state = load_tensors(folder / WEIGHTS_FILE, "SAE weights")
+        except UserError as err:
+            raise SAEError(str(err)) from None
+        try:
+            cfg = SAEConfig.from_json(obj)
+        except (SAEError, TypeError) as e:
+            raise SAEError(f"SAE config {folder / CONFIG_FILE} is not a valid SAE config: {e}") from None
         sae = cls(cfg, seed=None, device="meta")
-        state = load_file(folder / WEIGHTS_FILE, device="cpu")
+        expected = {name: tuple(p.shape) for name, p in sae.state_dict().items()}
+        got = {name: tuple(t.shape) for name, t in state.items()}
+        if got != expected:
+            wrong = sorted(n for n in expected.keys() & got.keys() if expected[n] != got[n])
+            missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+            detail = "; ".join(
+                [f"{n} is {list(got[n])}, expected {list(expected[n])}" for n in wrong[:2]]
+                + ([f"missing {', '.join(missing)}"] if missing else [])
+                + ([f"unexpected {', '.join(extra[:3])}"] if extra else [])
+            )
+            raise SAEError(f"SAE weights {folder / WEIGHTS_FILE} do not fit {CONFIG_FILE} (d_in {cfg.d_in}, "
+                           f"d_sae {cfg.d_sae}): {detail}")
+        if not all(t.is_floating_point() for t in state.values()):
+            raise SAEError(f"SAE weights {folder / WEIGHTS_FILE} hold non-float tensors")
         sae.load_state_dict(state, assign=True)
         return sae.to(device=device, dtype=dtype) if (device or dtype) else sae
 
@@ -384,7 +439,8 @@ def check_sae_fits(sae: Any, model: Any, model_source: str, layer: int | None) -
         raise UserError(f"the SAE was trained on {sae.cfg.model}, not {model_source}")
     layer = sae.cfg.layer if layer is None else layer
     if layer is None:
-        raise UserError("the SAE's config has no layer; pass --layer")
+        raise UserError("the SAE's cfg.json records no layer, so the layer it reads is unknown; "
+                        "this needs an SAE trained by sae/sae-trainer.py (or imported with its layer)")
     if sae.cfg.layer is not None and sae.cfg.layer != layer:
         raise UserError(f"the SAE reads layer {sae.cfg.layer}, not layer {layer}")
     return check_layer(model, layer)

@@ -125,26 +125,49 @@ def save_vectors(folder: Path, vectors: dict[tuple[str, str, int], torch.Tensor]
     write_json(folder / VECTORS_INDEX, {**info, "layers": layers, "pairs": pairs, "d_model": d_model.pop()})
 
 
-def vector_pairs(info: dict[str, Any]) -> list[tuple[str, str]]:
-    """The ``(src, tgt)`` pairs of a ``vectors.json``, in order."""
-    pairs = [parse_pair(p) for p in info.get("pairs", [])]
-    if any(p is None for p in pairs):
-        raise UserError(f"vectors.json lists a pair that is not of the form src@tgt: {info.get('pairs')}")
-    return pairs  # type: ignore[return-value]
+def vector_pairs(info: dict[str, Any], source: Path | str = VECTORS_INDEX) -> list[tuple[str, str]]:
+    """The ``(src, tgt)`` pairs of a ``vectors.json`` (read from ``source``), in order."""
+    pairs = []
+    for listed in info.get("pairs", []):
+        pair = parse_pair(listed) if isinstance(listed, str) else None
+        if pair is None:
+            raise UserError(f"{source} lists a pair that is not of the form src@tgt: {listed!r}")
+        pairs.append(pair)
+    return pairs
 
 
 def load_vectors(vectors_dir: Path, layer: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``{"src@tgt": v}`` at ``layer`` from a folder written by :func:`save_vectors`, and its ``vectors.json``."""
-    from safetensors.torch import load_file
+    """``{"src@tgt": v}`` at ``layer`` from a folder written by :func:`save_vectors`, and its ``vectors.json``.
 
+    :class:`UserError` naming the file when ``vectors.json`` is not JSON or lacks ``layers`` or
+    ``pairs``, or ``vectors.safetensors`` is missing, truncated, not safetensors, or holds no
+    vector for ``layer``, or vectors that are not ``[d_model]`` (``d_model`` as ``vectors.json``
+    gives it; a hand-written one without it: one width for all).
+    """
+    from lineofsight.io import check_shape, load_tensors, read_json
+
+    vectors_dir = Path(vectors_dir)
     index_path = vectors_dir / VECTORS_INDEX
     if not index_path.is_file():
         raise UserError(f"--vectors {vectors_dir} has no {VECTORS_INDEX}; run steering/compute_steering_vectors.py")
-    info = json.loads(index_path.read_text())
+    info = read_json(index_path, "steering-vector index", required={"layers": "list[int]", "pairs": "list[str]"})
+    if "d_model" in info:
+        check_shape(info["d_model"], "int", f"steering-vector index {index_path}: 'd_model'")
+    vector_pairs(info, index_path)
     if layer not in info["layers"]:
         raise UserError(f"--layer {layer}: the vectors in {vectors_dir} are for layers {info['layers']}")
-    tensors = load_file(vectors_dir / VECTORS_FILE)
-    return {key.rsplit("/", 1)[0]: v for key, v in tensors.items() if key.endswith(f"/{layer}")}, info
+    tensors_path = vectors_dir / VECTORS_FILE
+    tensors = load_tensors(tensors_path, "steering vectors")
+    vectors = {key.rsplit("/", 1)[0]: v for key, v in tensors.items() if key.endswith(f"/{layer}")}
+    if not vectors:
+        raise UserError(f"steering vectors {tensors_path} hold no vector for layer {layer}, which {VECTORS_INDEX} lists")
+    d_model = info.get("d_model", next(iter(vectors.values())).shape[-1])
+    for key, v in vectors.items():
+        if v.dim() != 1 or v.shape[0] != d_model or not v.is_floating_point():
+            where = f"d_model in {VECTORS_INDEX}" if "d_model" in info else "the width of the others"
+            raise UserError(f"steering vectors {tensors_path}: {key}/{layer} has shape {list(v.shape)} ({v.dtype}), "
+                            f"expected [{d_model}] floats ({where})")
+    return vectors, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,24 +185,45 @@ def rollout_key(rec: dict[str, Any]) -> tuple:
             rec["positions"])
 
 
+ROLLOUT_FIELDS: dict[str, tuple[type, ...]] = {
+    "src": (str,), "tgt": (str,), "layer": (int,), "k": (int, float), "prompt_id": (int,), "image": (str,),
+    "positions": (str,), "text": (str,),
+}
+"""What a rollout record must hold (what :func:`rollout_key` and the evaluation read), with its JSON types."""
+
+
 def read_rollouts(path: Path) -> list[dict[str, Any]]:
     """The records of one rollouts file. A last line without its newline is a write cut by a kill
-    and is left out (the unit is simply redone); any other bad line is a :class:`UserError`."""
+    and is left out (the unit is simply redone); blank lines are ignored; any other line that is
+    not UTF-8 JSON, not an object, or lacks a field of :data:`ROLLOUT_FIELDS` (or has it of the
+    wrong type) is a :class:`UserError` naming the file, the line and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    lines = text.split("\n")
-    lines.pop()  # "" when the file ends with a newline, else a torn last write
+        raise UserError(f"rollouts file {path} does not exist")
+    lines = path.read_bytes().split(b"\n")
+    lines.pop()  # b"" when the file ends with a newline, else a torn last write
     records = []
-    for n, line in enumerate(lines, 1):
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path}:{n} is not UTF-8 text") from None
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-            rollout_key(rec)
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path}:{n} is not a rollout record") from None
+        except ValueError as err:
+            raise UserError(f"{path}:{n} is not a rollout record (not valid JSON: {err})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{n} is not a rollout record (a JSON {type(rec).__name__}, not an object)")
+        missing = [key for key in ROLLOUT_FIELDS if key not in rec]
+        if missing:
+            raise UserError(f"{path}:{n} is an incomplete rollout record (no {', '.join(missing)})")
+        wrong = [key for key, types in ROLLOUT_FIELDS.items()
+                 if not isinstance(rec[key], types) or isinstance(rec[key], bool)]
+        if wrong:
+            raise UserError(f"{path}:{n} is not a rollout record ({', '.join(f'{k}={rec[k]!r}' for k in wrong)} "
+                            "of the wrong type)")
         records.append(rec)
     return records
 

@@ -86,8 +86,11 @@ class Config:
         for name in ("images_per_class", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
-        if self.resize is not None and self.resize < 1:
-            raise UserError("--resize must be positive")
+        from lineofsight.data import check_resize
+
+        check_resize(self.resize)
+        if self.num_workers < 0:
+            raise UserError("--num-workers must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +237,7 @@ def main(cfg: Config, run: Run) -> Path:
     )
     from lineofsight.cli import UserError
     from lineofsight.data import ClassIndex, SkipCounter, imagenet_items, select_classes
-    from lineofsight.models import check_layer, n_layers, residual_site, resolve_model_path, text_config
+    from lineofsight.models import check_layer, check_model, n_layers, residual_site, text_config
     from lineofsight.toy import ensure_toy_world
 
     start = time.perf_counter()
@@ -245,7 +248,7 @@ def main(cfg: Config, run: Run) -> Path:
     items = imagenet_items(cfg.imagenet_dir, cfg.split, labels, index, cfg.images_per_class)
     if not items:
         raise UserError(f"no images found in {cfg.imagenet_dir / cfg.split} for the selected classes")
-    model_source = resolve_model_path(cfg.model)
+    model_source = check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
     image_token = getattr(processor, "image_token", "<image>")
     if image_token not in cfg.prompt:

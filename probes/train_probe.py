@@ -73,8 +73,12 @@ class Config:
 
         if not 0 < self.test_frac < 1 or not 0 <= self.val_frac < 1:
             raise UserError("--test-frac must be in (0, 1) and --val-frac in [0, 1)")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError("--epochs and --batch-size must be positive")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise UserError("--epochs, --batch-size and --patience must be positive")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise UserError("--lr must be positive and --weight-decay non-negative")
+        if not self.sae_l0 or min(self.sae_l0) < 1:
+            raise UserError("--sae-l0 must list positive numbers of latents")
         if self.features == "sae" and self.sae is None:
             raise UserError("--features sae needs --sae <SAE folder>")
 
@@ -284,9 +288,11 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     if cfg.features == "sae":
         from lineofsight.sae import load_sae
 
-        sae_layer = load_sae(cfg.sae, "cpu").cfg.layer  # checked before any probe is trained
-        if sae_layer not in meta["layers"]:
-            raise UserError(f"--sae reads layer {sae_layer}; the activation cache holds layers {meta['layers']}")
+        sae_cfg = load_sae(cfg.sae, "cpu").cfg  # checked before any probe is trained
+        if sae_cfg.layer not in meta["layers"]:
+            raise UserError(f"--sae reads layer {sae_cfg.layer}; the activation cache holds layers {meta['layers']}")
+        if sae_cfg.d_in != acts.shape[-1]:
+            raise UserError(f"SAE width d_in {sae_cfg.d_in} does not match the cached activations' {acts.shape[-1]}")
     run.open(cfg.out, overwrite=cfg.overwrite)
 
     metrics: dict[str, Any] = {

@@ -67,6 +67,10 @@ class Config:
             raise UserError("--lambdas must be non-negative and not empty")
         if self.steps < 1:
             raise UserError("--steps must be positive")
+        if self.n_random is not None and self.n_random < 1:
+            raise UserError("--n-random must be positive (or left out: as many as steering vectors)")
+        if self.lr <= 0:
+            raise UserError("--lr must be positive")
         if self.export_lambda is not None and self.export_lambda not in self.lambdas:
             raise UserError(f"--export-lambda {self.export_lambda} is not one of --lambdas {list(self.lambdas)}")
 
@@ -178,7 +182,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     run.open(cfg.out, overwrite=cfg.overwrite)
 
     D = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
-    R = random_unit(cfg.n_random or len(names), V.shape[1], cfg.seed + 1).to(device)
+    R = random_unit(len(names) if cfg.n_random is None else cfg.n_random, V.shape[1], cfg.seed + 1).to(device)
     lambdas = torch.tensor(cfg.lambdas, dtype=torch.float32)
     results: dict[str, Any] = {"layer": layer, "lambdas": list(cfg.lambdas), "d_sae": sae.cfg.d_sae}
     fits = {}

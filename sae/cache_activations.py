@@ -78,6 +78,10 @@ class Config:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if not self.layers:
             raise UserError("--layers needs at least one layer")
+        if self.limit is not None and self.limit < 1:
+            raise UserError("--limit must be positive")
+        if self.load_threads < 0:
+            raise UserError("--load-threads must be >= 0")
 
 
 @lifecycle("sae/cache_activations.py", outputs=CACHE_OUTPUTS, resumable=True)
@@ -97,7 +101,7 @@ def main(cfg: Config, run: Run) -> Path:
     from lineofsight.cli import UserError
     from lineofsight.data import SkipCounter, read_sharegpt4v
     from lineofsight.harvest import Harvester, TokenBatch, record_batches
-    from lineofsight.models import check_layer, resolve_model_path, text_config
+    from lineofsight.models import check_layer, check_model, text_config
     from lineofsight.toy import ensure_toy_world
 
     start = time.perf_counter()
@@ -107,7 +111,7 @@ def main(cfg: Config, run: Run) -> Path:
     if not records:
         raise UserError(f"--data {cfg.data} holds no usable records")
     image_root = cfg.image_root or cfg.data.parent
-    model_source = resolve_model_path(cfg.model)
+    model_source = check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
     for layer in cfg.layers:
         check_layer(model, layer, "--layers")

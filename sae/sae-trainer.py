@@ -12,9 +12,19 @@ Before the first step, rank 0 sets the activation scale (mean norm -> sqrt(d_in)
 the first ``--l1-warmup-frac`` of the steps, the learning rate decayed linearly to 0 over the
 last ``--lr-decay-frac``. Every ``--checkpoint-every`` steps an atomic checkpoint holds the SAE,
 Adam state, step, dead-latent counters, every rank's data position, shuffle buffer and RNG
-state; ``--resume`` continues exactly where it stopped (kill -9 included). A non-finite loss stops
-the run with a message; the last good checkpoint stays. Under torchrun, a worker whose launcher
-has died stops before its next step, so the last checkpoint stays intact.
+state; ``--resume`` continues exactly where it stopped (kill -9 included).
+
+Divergence: every update is checked before it is kept. After each optimiser step one all-reduce
+brings the loss and a float64 sum of the SAE's weights from every rank; a non-finite loss or
+weight, or a loss above ``--diverge-factor`` times its early value (the mean loss of the first 10
+steps), stops the run with a one-line error naming the last good checkpoint, before anything more
+is written. A checkpoint (and the final SAE) is written only after the new weights pass the same
+test on the step's batch and the Adam state is finite, so no checkpoint ever holds a diverged or
+non-finite state, and ``--resume`` continues from the one named (``--diverge-factor`` may change
+on resume). Under torchrun a collective that waits longer than ``$LINEOFSIGHT_DIST_TIMEOUT_S``
+(default 1800 s) for a frozen or lost rank stops the run with a one-line error naming the rank
+(``lineofsight/dist.py``), and a worker whose launcher has died stops before its next step, so the
+last checkpoint stays intact.
 
 The run folder ``--out`` follows ``lineofsight/run.py``: refused when it holds a run unless
 ``--resume`` or ``--overwrite`` (which removes the earlier run's outputs only after the inputs are
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +54,8 @@ from lineofsight.paths import TOY_WORLD_DIR
 from lineofsight.run import Run, lifecycle
 
 LOG_FILE = "log.jsonl"
+DIVERGE_EARLY_STEPS = 10
+"""The loss's early value (what ``--diverge-factor`` multiplies) is its mean over this many first steps."""
 OUTPUTS = ("sae", "metrics.json", LOG_FILE, "checkpoints")
 """What a run writes into --out (what --overwrite removes; run.json and the lock are the lifecycle's)."""
 
@@ -100,6 +113,11 @@ class Config:
     """Steps between checkpoints (0: only at the end)."""
     log_every: int = 20
     """Steps between log lines."""
+    diverge_factor: float = 1e3
+    """Stop when the loss (mean over the ranks) rises above this multiple of its early value: the mean loss of the
+    first 10 steps (while those run: of the ones so far). 0: off; a non-finite loss or weight always stops the
+    run. The update is not kept, nothing more is written, and the error names the last good checkpoint. May
+    change on --resume."""
     dtype: Dtype = "float32"
     """VLM dtype."""
     sae_autocast: bool = False
@@ -126,8 +144,25 @@ class Config:
         for name in ("expansion", "batch_size", "total_tokens", "buffer_batches", "records_per_forward", "k"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if self.limit is not None and self.limit < 1:
+            raise UserError("--limit must be positive")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise UserError("--log-every must be positive and --checkpoint-every >= 0")
+        # Non-finite numbers first, in the words of lineofsight.cli.check_finite (NaN fails every comparison).
+        for name in ("lr", "l1_coefficient", "l1_warmup_frac", "lr_decay_frac", "diverge_factor", "step_delay"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: not a finite number")
+        if self.lr <= 0:
+            raise UserError("--lr must be positive")
+        if self.l1_coefficient < 0:
+            raise UserError("--l1-coefficient must be >= 0")
+        for name in ("l1_warmup_frac", "lr_decay_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a fraction in [0, 1]")
+        if not (self.diverge_factor == 0 or self.diverge_factor > 1):
+            raise UserError(f"--diverge-factor {self.diverge_factor}: must be 0 (off) or > 1")
+        if self.step_delay < 0:
+            raise UserError("--step-delay must be >= 0")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
 
@@ -181,18 +216,24 @@ class OnlineSource:
     def _my_records(self) -> list[int]:
         import torch
 
+        from lineofsight.cli import UserError
+
         if self._order is None:
             g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch)
             order = torch.randperm(len(self.records), generator=g).tolist()
             self._order = order[self.rank :: self.world]
+            if not self._order:
+                raise UserError(f"rank {self.rank} has no records ({len(self.records)} for {self.world} ranks)")
         return self._order
 
-    def _harvest_more(self) -> None:
+    def _harvest_more(self) -> tuple[list[int], dict[int, dict[str, Any]]]:
+        """Harvest this rank's next ``--records-per-forward`` records into the buffer; returns them and
+        the skip counts of those whose image could not be read."""
         import torch
 
+        from lineofsight.data import SkipCounter
+
         mine = self._my_records()
-        if not mine:
-            raise RuntimeError(f"rank {self.rank} has no records (fewer records than ranks)")
         n = self.cfg.records_per_forward
         chunk = mine[self.cursor : self.cursor + n]
         self.loader.want(chunk)
@@ -200,25 +241,61 @@ class OnlineSource:
         self.cursor += len(chunk)
         if self.cursor >= len(mine):
             self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-        idx, captions, images = self.loader.batch(chunk, self.skips)
+        idx, captions, images, unread = [], [], [], {}
+        for i in chunk:  # ImageLoader.batch, keeping each record's skip reason
+            skipped = SkipCounter()
+            image = self.loader.get(i, skipped)
+            self.skips.merge(skipped.to_dict())
+            if image is None:
+                unread[i] = skipped.to_dict()
+            else:
+                idx.append(i)
+                captions.append(self.records[i].caption)
+                images.append(image)
         if idx:
             got = self.harvester(captions, images, idx)
             acts = got.acts[:, 0].to(torch.float32)
             self.acts = acts if self.acts.numel() == 0 else torch.cat([self.acts, acts])
             self.types = torch.cat([self.types, got.token_type])
+        return chunk, unread
 
     def close(self) -> None:
         self.loader.close()
 
     def fill(self) -> None:
+        """Harvest until the buffer holds ``--buffer-batches`` batches; :class:`UserError` when every one of
+        this rank's records has been tried since the buffer last grew (a full pass gave no tokens)."""
         need = self.cfg.buffer_batches * self.cfg.batch_size
-        tries = 0
+        n_mine = len(range(self.rank, len(self.records), self.world))
+        dry: dict[int, dict[str, Any] | None] = {}  # records tried without a token: skip counts (None: read)
         while len(self.types) < need:
             before = len(self.types)
-            self._harvest_more()
-            tries = tries + 1 if len(self.types) == before else 0
-            if tries > 1000:
-                raise RuntimeError(f"rank {self.rank}: no tokens from 1000 record batches ({self.skips.summary()})")
+            chunk, unread = self._harvest_more()
+            if len(self.types) > before:
+                dry = {}
+                continue
+            dry.update({i: unread.get(i) for i in chunk})  # by record: each image counted once
+            if len(dry) >= n_mine:
+                self.close()
+                raise self._no_tokens(dry)
+
+    def _no_tokens(self, dry: dict[int, dict[str, Any] | None]) -> Exception:
+        from lineofsight.cli import UserError
+        from lineofsight.data import SkipCounter
+
+        skips = SkipCounter()
+        for counts in dry.values():
+            if counts is not None:
+                skips.merge(counts)
+        who = f"rank {self.rank}'s {len(dry)}" if self.world > 1 else f"the {len(dry)}"
+        why = "; ".join(f"{n} {reason}, e.g. {skips.examples[reason][0]}"
+                        for reason, n in sorted(skips.counts.items()))
+        where = f"check --data {self.cfg.data} and --image-root {self.image_root}"
+        if skips.total == len(dry):
+            return UserError(f"every one of {who} records' images was unreadable ({why}); {where}")
+        types = ", ".join(self.cfg.types)
+        return UserError(f"a full pass over {who} records gave no tokens of --types {types} "
+                         f"({skips.total} unreadable images{': ' + why if why else ''}); {where}")
 
     def next_batch(self, step: int) -> tuple[Any, Any]:
         import torch
@@ -345,13 +422,14 @@ def latest_checkpoint(out: Path) -> Path | None:
 def load_checkpoint(folder: Path, sae: Any, opt: Any, source: Any, rank: int) -> tuple[dict[str, Any], Any]:
     """Restore everything :func:`save_checkpoint` wrote; returns (state.json, since_fired)."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
+    from lineofsight.io import load_tensors, open_tensors, read_json, tensors_metadata
     from lineofsight.sae import SAEConfig
 
-    state = json.loads((folder / "state.json").read_text())
-    trainer = load_file(folder / "trainer.safetensors")
+    # A damaged checkpoint (truncated by a full disk, edited by hand) is a one-line error naming the file.
+    state = read_json(folder / "state.json", "checkpoint state",
+                      required={"sae_cfg": "object", "opt_param_groups": "list", "opt_keys": "object"})
+    trainer = load_tensors(folder / "trainer.safetensors", "checkpoint", ["since_fired"])
     sae.cfg.act_scale = SAEConfig.from_json(state["sae_cfg"]).act_scale
     sae.cfg.threshold = state["sae_cfg"]["threshold"]
     sae.load_state_dict({k[4:]: v for k, v in trainer.items() if k.startswith("sae.")})
@@ -359,9 +437,10 @@ def load_checkpoint(folder: Path, sae: Any, opt: Any, source: Any, rank: int) ->
     for i, keys in state["opt_keys"].items():
         opt_state["state"][int(i)] = {name: trainer[f"opt.{i}.{name}"] for name in keys}
     opt.load_state_dict(opt_state)
-    with safe_open(str(folder / f"rank{rank:03d}.safetensors"), framework="pt") as f:
+    rank_file = folder / f"rank{rank:03d}.safetensors"
+    with open_tensors(rank_file, "checkpoint") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        data_meta = json.loads(f.metadata()["data"])
+        data_meta = tensors_metadata(f, rank_file, "checkpoint", "data")
     source.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("data.")}, data_meta)
     torch.set_rng_state(tensors["rng.torch"])
     return state, trainer["since_fired"]
@@ -437,8 +516,16 @@ class Training:
     """Tokens per step over all ranks."""
     step: int = 0
     tokens_seen: int = 0
+    early_loss_sum: float = 0.0
+    """Sum of the losses of the first :data:`DIVERGE_EARLY_STEPS` steps (so far): ``--diverge-factor``'s reference."""
+    early_loss_n: int = 0
     last: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The latest log line (rank 0)."""
+
+    def extra(self) -> dict[str, Any]:
+        """What ``state.json`` holds besides the step: the tokens seen and the divergence reference."""
+        return {"tokens_seen": self.tokens_seen, "early_loss_sum": self.early_loss_sum,
+                "early_loss_n": self.early_loss_n}
 
 
 def load_data(cfg: Config, run: Run) -> Data:
@@ -456,13 +543,13 @@ def load_data(cfg: Config, run: Run) -> Data:
 
     from lineofsight.data import read_sharegpt4v
     from lineofsight.harvest import Harvester
-    from lineofsight.models import check_layer, n_layers, residual_site, resolve_model_path, text_config
+    from lineofsight.models import check_layer, check_model, n_layers, residual_site, text_config
 
     ensure_toy_world(cfg.data)
     records = read_sharegpt4v(cfg.data, limit=cfg.limit)
     if len(records) < info.world_size:
         raise UserError(f"--data {cfg.data} has {len(records)} usable records for {info.world_size} ranks")
-    model_source = resolve_model_path(cfg.model)
+    model_source = check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
     n = n_layers(model)
     layer = cfg.layer if cfg.layer is not None else (8 if n >= 16 else n // 2)
@@ -521,6 +608,8 @@ def init_training(cfg: Config, run: Run, data: Data) -> Training:
     if ckpt is not None:
         state, since_fired = load_checkpoint(ckpt, sae, tr.opt, data.source, info.rank)
         tr.step, tr.tokens_seen, tr.since_fired = state["step"], state["tokens_seen"], since_fired.to(info.device)
+        # checkpoints from before the divergence check have no reference: it is measured again from here
+        tr.early_loss_sum, tr.early_loss_n = state.get("early_loss_sum", 0.0), state.get("early_loss_n", 0)
         dist.print0(f"resumed from {ckpt} at step {tr.step}/{tr.n_steps}")
     else:
         if cfg.resume:
@@ -579,57 +668,115 @@ def train(cfg: Config, run: Run, data: Data, tr: Training) -> None:
     bar = tqdm(total=tr.n_steps, initial=tr.step, desc=f"SAE L{data.layer} {cfg.activation}",
                disable=not info.is_main, mininterval=2)
     t_log, tok_log = time.perf_counter(), tr.tokens_seen
-    while tr.step < tr.n_steps:
-        run.check_alive()  # before any work: an orphaned worker writes nothing more
-        step = tr.step
-        x, types = data.source.next_batch(step)
-        lam = cfg.l1_coefficient * l1_factor(step, tr.n_steps, cfg.l1_warmup_frac)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, tr.n_steps, cfg.lr_decay_frac)
-        dead = tr.since_fired > cfg.dead_after_tokens
-        with autocast:
-            out = trainer(x, lam, dead if cfg.activation != "relu" else None)
-        finite = dist.all_reduce(torch.isfinite(out["loss"].detach()).float().reshape(1), op="min")
-        if float(finite[0]) < 1:
-            bar.close()
-            raise UserError(f"non-finite loss at step {step} (lr {cfg.lr}, lambda {lam}); stopped. "
-                            f"Last good checkpoint: {latest_checkpoint(run.out) or 'none'}")
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        sae.optimizer_step(opt)
-        latents = out["latents"].detach()
-        if cfg.activation == "batchtopk":
-            sae.observe_threshold(latents)
-        fired = dist.all_reduce((latents > 0).any(0).float(), op="max") > 0
-        tr.since_fired += tr.global_batch
-        tr.since_fired[fired] = 0
-        tr.step += 1
-        tr.tokens_seen += tr.global_batch
-        bar.update(1)
+    try:
+        while tr.step < tr.n_steps:
+            run.check_alive()  # before any work: an orphaned worker writes nothing more
+            step = tr.step
+            x, types = data.source.next_batch(step)
+            lam = cfg.l1_coefficient * l1_factor(step, tr.n_steps, cfg.l1_warmup_frac)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, tr.n_steps, cfg.lr_decay_frac)
+            dead = tr.since_fired > cfg.dead_after_tokens
+            with autocast:
+                out = trainer(x, lam, dead if cfg.activation != "relu" else None)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            sae.optimizer_step(opt)
+            # The update is kept only if the loss it came from passes and the weights it made are finite, on
+            # every rank: one all-reduce of [loss, sum of the weights] (float64: finite whenever they are).
+            weights = _finite_sum(sae.parameters())
+            health = dist.all_reduce(torch.stack([out["loss"].detach().double(), weights]))
+            loss = float(health[0]) / info.world_size
+            problem = _diverged(cfg, tr, loss) or (None if math.isfinite(float(health[1]))
+                                                   else "the update made the SAE's weights non-finite")
+            if problem:
+                raise UserError(f"{problem} at step {step} (lr {cfg.lr:g}, lambda {lam:.3g}); "
+                                f"stopped without keeping the update. {_last_good(run.out)}")
+            if tr.early_loss_n < DIVERGE_EARLY_STEPS:
+                tr.early_loss_sum, tr.early_loss_n = tr.early_loss_sum + loss, tr.early_loss_n + 1
+            latents = out["latents"].detach()
+            if cfg.activation == "batchtopk":
+                sae.observe_threshold(latents)
+            fired = dist.all_reduce((latents > 0).any(0).float(), op="max") > 0
+            tr.since_fired += tr.global_batch
+            tr.since_fired[fired] = 0
+            tr.step += 1
+            tr.tokens_seen += tr.global_batch
+            bar.update(1)
 
-        if tr.step % cfg.log_every == 0 or tr.step == tr.n_steps:
-            now = time.perf_counter()
-            tokens_per_s = (tr.tokens_seen - tok_log) / max(now - t_log, 1e-9)
-            tr.last = log_step(cfg, run, tr, x, types, out, latents, lam, tokens_per_s)
-            t_log, tok_log = now, tr.tokens_seen
-            if info.is_main:
-                short = {"image": "img", "text_in_context": "ctx", "text_only": "txt"}
-                by_type = {f"{k.split('/')[0]}_{short[k.split('/')[1]]}": f"{v:.3g}" for k, v in tr.last.items()
-                           if "/" in k}
-                last = tr.last
-                bar.set_postfix(loss=f"{last['loss']:.3g}", l0=f"{last['l0']:.1f}", fvu=f"{last['fvu']:.3f}",
-                                dead=f"{last['dead_frac']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}", **by_type)
-                if wandb_run is not None:
-                    wandb_run.log(tr.last, step=tr.step)
-        if (cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0) or tr.step == tr.n_steps:
-            save_checkpoint(run.out, tr.step, sae, opt, tr.since_fired, data.source, {"tokens_seen": tr.tokens_seen},
-                            info.rank, info.world_size)
-        if cfg.step_delay:
-            time.sleep(cfg.step_delay)
-    bar.close()
-    data.source.close()
+            if tr.step % cfg.log_every == 0 or tr.step == tr.n_steps:
+                now = time.perf_counter()
+                tokens_per_s = (tr.tokens_seen - tok_log) / max(now - t_log, 1e-9)
+                tr.last = log_step(cfg, run, tr, x, types, out, latents, lam, tokens_per_s)
+                t_log, tok_log = now, tr.tokens_seen
+                if info.is_main:
+                    short = {"image": "img", "text_in_context": "ctx", "text_only": "txt"}
+                    by_type = {f"{k.split('/')[0]}_{short[k.split('/')[1]]}": f"{v:.3g}"
+                               for k, v in tr.last.items() if "/" in k}
+                    last = tr.last
+                    bar.set_postfix(loss=f"{last['loss']:.3g}", l0=f"{last['l0']:.1f}", fvu=f"{last['fvu']:.3f}",
+                                    dead=f"{last['dead_frac']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}", **by_type)
+                    if wandb_run is not None:
+                        wandb_run.log(tr.last, step=tr.step)
+            if (cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0) or tr.step == tr.n_steps:
+                problem = check_before_writing(cfg, tr, x, lam, dead, autocast)
+                if problem:
+                    raise UserError(f"{problem} after the update of step {step} (lr {cfg.lr:g}, lambda {lam:.3g}); "
+                                    f"stopped without writing checkpoint step-{tr.step:08d}. {_last_good(run.out)}")
+                save_checkpoint(run.out, tr.step, sae, opt, tr.since_fired, data.source, tr.extra(),
+                                info.rank, info.world_size)
+            if cfg.step_delay:
+                time.sleep(cfg.step_delay)
+    finally:  # also on an error: the bar's last redraw must not follow the error line
+        bar.close()
+        data.source.close()
     if wandb_run is not None:
         wandb_run.finish()
+
+
+def _finite_sum(tensors: Any) -> Any:
+    """A float64 scalar that is finite exactly when every tensor is (a float64 sum of float32 values
+    cannot overflow); one read of each tensor, no copy."""
+    import torch
+
+    sums = [t.detach().sum(dtype=torch.float64) for t in tensors]
+    return torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64)
+
+
+def _diverged(cfg: Config, tr: Training, loss: float) -> str | None:
+    """Why ``loss`` (mean over the ranks) means the run has diverged, or None."""
+    if not math.isfinite(loss):
+        return "non-finite loss"
+    early = tr.early_loss_sum / tr.early_loss_n if tr.early_loss_n else 0.0
+    if cfg.diverge_factor and early > 0 and loss > cfg.diverge_factor * early:
+        return (f"the loss diverged ({loss:.3g}, above --diverge-factor {cfg.diverge_factor:g} x its early value "
+                f"{early:.3g}; 0 turns the check off)")
+    return None
+
+
+def check_before_writing(cfg: Config, tr: Training, x: Any, lam: float, dead: Any, autocast: Any) -> str | None:
+    """Before a checkpoint: the loss of the new weights on this step's batch passes :func:`_diverged` and
+    the Adam state is finite, on every rank (one forward without gradients, one all-reduce); else why not."""
+    import torch
+
+    from lineofsight import dist
+
+    sae, opt = tr.sae, tr.opt
+    with torch.no_grad(), autocast:
+        after = sae.loss(x, l1_coefficient=lam, dead_mask=dead if cfg.activation != "relu" else None)["loss"]
+    adam = [v for state in opt.state.values() for v in state.values()
+            if torch.is_tensor(v) and v.is_floating_point()]
+    health = dist.all_reduce(torch.stack([after.detach().double(), _finite_sum(adam)]))
+    if not math.isfinite(float(health[1])):
+        return "non-finite Adam state"
+    return _diverged(cfg, tr, float(health[0]) / dist.world_size())
+
+
+def _last_good(out: Path | None) -> str:
+    ckpt = latest_checkpoint(out) if out is not None else None
+    if ckpt is None:
+        return "Last good checkpoint: none (none was written before)"
+    return f"Last good checkpoint: {ckpt} (--resume continues from it)"
 
 
 def log_step(cfg: Config, run: Run, tr: Training, x: Any, types: Any, out: dict[str, Any], latents: Any,
@@ -687,9 +834,19 @@ def _fmt(value: float | None, spec: str) -> str:
 
 @lifecycle("sae/sae-trainer.py", outputs=OUTPUTS, resumable=True)
 def main(cfg: Config, run: Run) -> dict[str, Any]:
+    import importlib.util
+
+    from lineofsight.cli import UserError
+
     start = time.perf_counter()
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"--wandb {cfg.wandb}: the wandb package is not installed (pip install wandb)")
     run.setup(seed=cfg.seed, device=cfg.device)
     data = load_data(cfg, run)
+    d_sae = cfg.expansion * data.d_in
+    if cfg.activation != "relu" and cfg.k > d_sae:
+        raise UserError(f"--k {cfg.k} is more than the SAE's {d_sae} latents (--expansion {cfg.expansion} "
+                        f"x the width {data.d_in} of layer {data.layer})")
     if cfg.resume:
         check_resume(cfg, run, data)
     run.open(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
@@ -698,7 +855,10 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
         data.source.close()
         metrics = json.loads((run.out / "metrics.json").read_text())
         return run.finish(f"{run.out} is already finished ({tr.step} steps); nothing to do", metrics, None)
-    train(cfg, run, data, tr)
+    from lineofsight import dist
+
+    with dist.guard("a training step"):  # DDP's own collectives (gradient all-reduce in backward)
+        train(cfg, run, data, tr)
     return finish(cfg, run, data, tr, start)
 
 

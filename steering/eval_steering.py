@@ -84,6 +84,8 @@ class Config:
         for name in ("images_per_pair", "n_captions", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if self.n_pairs is not None and self.n_pairs < 1:
+            raise UserError("--n-pairs must be positive")
 
 
 def first_token(tokenizer: Any, word: str) -> int:
@@ -205,7 +207,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
         read_class_pairs,
         read_sharegpt4v,
     )
-    from lineofsight.models import check_layer, format_prompt
+    from lineofsight.models import check_layer, check_model, format_prompt
     from lineofsight.prompts import CAPTION_QUESTION, FORCED_CHOICE_TEMPLATE
     from lineofsight.steering import load_vectors, paper_strengths, vector_pairs
     from lineofsight.toy import ensure_toy_world
@@ -219,6 +221,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     for layer in cfg.layer:
         load_vectors(cfg.vectors, layer)  # every layer's vectors exist, before the model loads
     rollouts = rollout_scores(cfg.rollouts, list(cfg.layer)) if cfg.rollouts is not None else {}
+    check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
     for layer in cfg.layer:
         check_layer(model, layer)

@@ -21,6 +21,7 @@ configs in the folder, such as other layers or strengths, are kept) or ``--overw
 from __future__ import annotations
 
 import dataclasses
+import string
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,11 @@ class Config:
         for name in ("images_per_pair", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if self.n_pairs is not None and self.n_pairs < 1:
+            raise UserError("--n-pairs must be positive")
+        from lineofsight.data import check_resize
+
+        check_resize(self.resize)
 
 
 def mean_residual_norm(model: Any, processor: Any, images: list[Any], prompt: str, layer: int) -> float:
@@ -172,7 +178,8 @@ def main(cfg: Config, run: Run) -> Path:
         pair_key,
         read_class_pairs,
     )
-    from lineofsight.models import check_layer, format_prompt
+    from lineofsight.io import read_text
+    from lineofsight.models import check_layer, check_model, format_prompt
     from lineofsight.prompts import ROLLOUT_QUESTIONS
     from lineofsight.steering import (
         append_rollouts,
@@ -196,18 +203,19 @@ def main(cfg: Config, run: Run) -> Path:
             raise UserError(f"no steering vector for {pair_key(src, tgt)} at layer {cfg.layer} in {cfg.vectors}")
     questions = list(ROLLOUT_QUESTIONS)
     if cfg.prompts is not None:
-        if not cfg.prompts.is_file():
-            raise UserError(f"--prompts {cfg.prompts} does not exist")
-        questions = [line.strip() for line in cfg.prompts.read_text().splitlines() if line.strip()]
+        questions = [line.strip() for line in read_text(cfg.prompts, "--prompts file").splitlines() if line.strip()]
         if not questions:
             raise UserError(f"--prompts {cfg.prompts} holds no questions")
     for q in questions:
         try:
-            q.format(src="", tgt="")
-        except (KeyError, IndexError, ValueError):
-            raise UserError(f"prompt {q!r}: the only placeholders allowed are {{src}} and {{tgt}}") from None
+            fields = {field for _, field, _, _ in string.Formatter().parse(q) if field is not None}
+        except ValueError:
+            fields = {"?"}
+        if fields - {"src", "tgt"}:
+            raise UserError(f"prompt {q!r}: the only placeholders allowed are {{src}} and {{tgt}}")
     strengths = list(cfg.k) or paper_strengths()
     index = ClassIndex.read(cfg.imagenet_dir)
+    check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
     check_layer(model, cfg.layer)
     processor.tokenizer.padding_side = "left"

@@ -204,6 +204,15 @@ def test_probe_on_planted_features(tmp_path):
     assert (tmp_path / "p" / "accuracy_by_layer.png").stat().st_size > 1000
     with pytest.raises(UserError, match="already holds a run of probes/train_probe.py"):
         probe.main(probe.Config(activations=tmp_path / "c", out=tmp_path / "p"))
+    # An SAE that does not fit the cache is refused before any probe is trained or written.
+    from lineofsight.sae import SAEConfig, SparseAutoencoder
+
+    for sae_cfg, message in ((SAEConfig(d_in=d, d_sae=2 * d, layer=3), "--sae reads layer 3"),
+                             (SAEConfig(d_in=d + 1, d_sae=2 * d, layer=1), f"SAE width d_in {d + 1}")):
+        SparseAutoencoder(sae_cfg).save(tmp_path / "sae")
+        with pytest.raises(UserError, match=message):
+            probe.main(probe.Config(activations=tmp_path / "c", out=tmp_path / "q", features="sae", sae=tmp_path / "sae"))
+        assert not (tmp_path / "q").exists()
 
 
 def test_sparse_probes_on_sae_latents(tmp_path):

@@ -199,7 +199,7 @@ def print_table(metrics: dict[str, Any]) -> None:
 def main(cfg: Config, run: Run) -> dict[str, Any]:
     from lineofsight.data import SkipCounter
     from lineofsight.harvest import Harvester, record_batches
-    from lineofsight.models import resolve_model_path
+    from lineofsight.models import check_model
     from lineofsight.sae import check_sae_fits, load_sae
     from lineofsight.toy import ensure_toy_world
 
@@ -208,7 +208,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     ensure_toy_world(cfg.data)
     records = cfg.read_records()
     sae = load_sae(cfg.sae, run.device)
-    model_source = resolve_model_path(cfg.model)
+    model_source = check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
     layer = check_sae_fits(sae, model, model_source, None)
     types = sae.cfg.token_types or ("image", "text_in_context", "text_only")

@@ -226,7 +226,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     from lineofsight.cli import UserError
     from lineofsight.data import SkipCounter, load_image
     from lineofsight.harvest import Harvester, record_batches
-    from lineofsight.models import resolve_model_path
+    from lineofsight.models import check_model
     from lineofsight.sae import check_sae_fits, load_sae
     from lineofsight.toy import ensure_toy_world
 
@@ -234,7 +234,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     ensure_toy_world(cfg.data)
     records = cfg.read_records()
     saes = [load_sae(p, run.device) for p in cfg.saes]
-    model_source = resolve_model_path(cfg.model)
+    model_source = check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
     layers = [check_sae_fits(sae, model, model_source, None) for sae in saes]
     if len(set(layers)) != len(layers):
