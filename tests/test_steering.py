@@ -307,3 +307,22 @@ def test_mean_residual_norm_for_normalize_is_the_image_token_mean(tiny_models):
         hidden = model(**inputs, output_hidden_states=True).hidden_states[2]
     want = hidden[image_token_mask(inputs["input_ids"], model)].norm(dim=-1).mean()
     assert got == pytest.approx(float(want), rel=1e-5)
+
+
+def test_appending_after_a_torn_line_loses_no_rollout(tmp_path):
+    """A kill mid-write leaves a part file without its last newline: the next append cuts the torn
+    record off first, so the new records are whole lines and the merge counts what is on disk."""
+    from lineofsight.steering import append_rollouts, merge_rollouts, read_rollouts
+
+    def rec(k):
+        return {"src": "a", "tgt": "b", "layer": 1, "k": float(k), "prompt_id": 0, "image": "x.png",
+                "positions": "image", "text": f"t{k}", "n_tokens": 1}
+
+    part = tmp_path / "rollouts.rank0.jsonl"
+    part.write_text(json.dumps(rec(0)) + "\n" + json.dumps(rec(1))[:25])
+    with append_rollouts(part) as write:
+        write([rec(1), rec(2)])
+    assert [r["k"] for r in read_rollouts(part)] == [0.0, 1.0, 2.0]
+    assert merge_rollouts(tmp_path, [rec(k) for k in range(3)]) == 3
+    assert [r["k"] for r in read_rollouts(tmp_path / "rollouts.jsonl")] == [0.0, 1.0, 2.0]
+    assert not part.exists()
