@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import os
-import shutil
 import sys
 
 import pytest
@@ -74,25 +72,11 @@ def build_tiny(kind: str, n_layers: int = 3, seed: int = 0):
     return model.eval(), processor
 
 
-_TOKENIZER = None
-
-
 def mistral_tokenizer():
-    """The real LLaVA-NeXT-Mistral tokenizer: Mistral v1 sentencepiece + ``<image>`` (id 32000)."""
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        import tempfile
+    """The real LLaVA-NeXT-Mistral tokenizer (lineofsight.stand_in)."""
+    from lineofsight.stand_in import mistral_v1_tokenizer
 
-        from transformers import LlamaTokenizer
-
-        src = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(str(src), os.path.join(tmp, "tokenizer.model"))
-            tok = LlamaTokenizer.from_pretrained(tmp, legacy=False, add_bos_token=True, add_eos_token=False)
-        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-        tok.pad_token = tok.unk_token
-        _TOKENIZER = tok
-    return _TOKENIZER
+    return mistral_v1_tokenizer()
 
 
 def images(sizes, seed: int = 0):
