@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
@@ -32,23 +33,32 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's own is 0600
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace`` (the file gets
-    the usual umask-respecting permissions)."""
+@contextlib.contextmanager
+def _atomic_file(path: Path | str) -> Iterator[Any]:
+    """A binary file object for ``path``: a temp file ``.{name}.*.tmp`` in the same folder (the usual
+    umask-respecting permissions), fsynced and renamed over ``path`` when the block exits cleanly,
+    removed when it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace`` (the file gets
+    the usual umask-respecting permissions)."""
+    with _atomic_file(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
@@ -60,12 +70,75 @@ def write_json(path: Path | str, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_tensors(path: Path | str, tensors: Mapping[str, Any], meta: Mapping[str, str] | None = None) -> Path:
-    """Save a dict of tensors as safetensors, atomically (contiguous CPU copies)."""
-    from safetensors.torch import save
+# safetensors' dtype names, listed in the order of its ``Dtype`` enum (increasing alignment): the file
+# holds tensors sorted by this rank descending, then by name, as ``safetensors.torch.save`` writes them.
+_ST_DTYPES: list[tuple[str, str]] = [
+    ("bool", "BOOL"), ("uint8", "U8"), ("int8", "I8"), ("float8_e5m2", "F8_E5M2"), ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e8m0fnu", "F8_E8M0"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+    ("int16", "I16"), ("uint16", "U16"), ("float16", "F16"), ("bfloat16", "BF16"), ("int32", "I32"),
+    ("uint32", "U32"), ("float32", "F32"), ("complex64", "C64"), ("float64", "F64"), ("int64", "I64"),
+    ("uint64", "U64")]
 
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write_bytes(path, save(flat, metadata=dict(meta) if meta else None))
+
+def _safetensors_header(tensors: Mapping[str, Any], meta: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """The first 8 + N bytes of the safetensors file of ``tensors`` (little-endian u64 N, then the JSON
+    header padded with spaces to a multiple of 8) and the order in which their data follows."""
+    import torch
+
+    rank = {getattr(torch, name): (i, st) for i, (name, st) in enumerate(_ST_DTYPES) if hasattr(torch, name)}
+    for key, v in tensors.items():
+        if not isinstance(key, str) or key == "__metadata__":
+            raise TypeError(f"save_tensors: {key!r} cannot name a tensor (the header reserves '__metadata__')")
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"save_tensors: {key!r} is a {type(v).__name__}, not a torch.Tensor")
+        if v.layout != torch.strided:
+            raise ValueError(f"save_tensors: {key!r} is a sparse tensor ({v.layout}); call .to_dense() first")
+        if v.dtype not in rank:
+            raise TypeError(f"save_tensors: {key!r} has dtype {v.dtype}, which safetensors cannot store here")
+    order = sorted(tensors, key=lambda k: (-rank[tensors[k].dtype][0], k))
+    header: dict[str, Any] = {}
+    if meta:  # keys sorted: safetensors itself writes them in (random) hash order
+        bad = [k for k, v in meta.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise TypeError(f"save_tensors: metadata must map strings to strings ({bad[0]!r} does not)")
+        header["__metadata__"] = dict(sorted(meta.items()))
+    offset = 0
+    for key in order:
+        v = tensors[key]
+        n_bytes = v.numel() * v.element_size()
+        header[key] = {"dtype": rank[v.dtype][1], "shape": list(v.shape), "data_offsets": [offset, offset + n_bytes]}
+        offset += n_bytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # serde_json's compact form
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def save_tensors(path: Path | str, tensors: Mapping[str, Any], meta: Mapping[str, str] | None = None) -> Path:
+    """Save a dict of tensors as safetensors, atomically, streaming one tensor at a time.
+
+    The bytes equal ``safetensors.torch.save(tensors, meta)`` (metadata keys sorted), but nothing holds the
+    whole file in memory: a contiguous CPU tensor is written from its own buffer, any other (non-contiguous,
+    on an accelerator) is copied to a contiguous CPU tensor alone, written and dropped. So a checkpoint
+    costs at most one tensor of extra host memory, not a second copy of the state.
+    """
+    import torch
+
+    if sys.byteorder != "little":  # safetensors data is little-endian; so is every host we run on
+        raise RuntimeError("save_tensors writes the host's bytes as they are; this host is big-endian")
+    tensors = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()}
+    header, order = _safetensors_header(tensors, meta)
+    with _atomic_file(path) as f:
+        f.write(header)
+        for key in order:
+            v = tensors[key]
+            if v.numel() == 0:
+                continue
+            data = v.contiguous().cpu().resolve_conj().resolve_neg()  # v itself when it already is all that
+            # A uint8 view of its buffer (reshape first: a 0-d tensor cannot change element size).
+            # BufferedWriter passes a buffer this large straight to write(2), without copying it.
+            f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+            del data
+    return Path(path)
 
 
 def provenance() -> dict[str, Any]:
