@@ -9,8 +9,11 @@ and reuses or resumes it; a folder of a different config is never written into.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +30,7 @@ __all__ = [
     "find_cache",
     "key_hash",
     "open_cache",
+    "open_token_cache",
     "pending_shards",
     "read_activation_cache",
     "read_token_cache",
@@ -36,6 +40,8 @@ __all__ = [
     "write_activation_shard",
     "write_cache_metadata",
     "write_token_shard",
+    "TokenRows",
+    "TokenShardWriter",
 ]
 
 
@@ -238,16 +244,150 @@ TOKEN_CACHE_VERSION = 1
 
 
 _TOKEN_SHARD = "token-cache shard"
+_HEADER_RESERVE = 64 * 1024
+"""Bytes kept free for a token shard's safetensors header while its activations are streamed in behind it."""
+_ST_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
+             "int32": "I32", "int16": "I16", "uint8": "U8", "int8": "I8", "bool": "BOOL"}
+
+
+class TokenShardWriter:
+    """Writes shard ``shard`` of a token cache as its tokens arrive, so no more than one forward pass of
+    tokens is ever held in memory (plus 25 bytes per token of the small fields).
+
+    ``add(tokens)`` appends a :class:`lineofsight.harvest.TokenBatch`'s activations straight to the file
+    (behind a reserved header); ``close(skipped)`` appends the small fields (``token_type``, ``sample``,
+    ``token_id``, ``type_index``), writes the safetensors header (padded with spaces, which the format
+    allows) and renames the temp file ``.shard-N.safetensors.*.tmp`` over the shard: like every shard,
+    it exists only when complete. A header too large for the reservation (a huge skip report) is
+    handled by copying the data behind a header of the right size (in 64 MiB chunks, off the heap).
+    Use as a context manager (the temp file is removed when the block raises) or call ``abort()``.
+    """
+
+    def __init__(self, cache: Path, shard: int, n_layers: int, d_model: int, dtype: Any) -> None:
+        import tempfile
+
+        self.path = shard_path(cache, shard)
+        self.n_layers, self.d_model, self.dtype = n_layers, d_model, dtype
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.fchmod(fd, _SHARD_MODE)
+        self.tmp = Path(tmp)
+        self.f = os.fdopen(fd, "w+b")
+        self.f.seek(8 + _HEADER_RESERVE)
+        self.n_tokens = 0
+        self.small: dict[str, list[Any]] = {"sample": [], "token_id": [], "type_index": [], "token_type": []}
+
+    def add(self, tokens: Any) -> None:
+        """Append the tokens of a :class:`lineofsight.harvest.TokenBatch` (``acts [n, n_layers, d_model]``)."""
+        import torch
+
+        acts = tokens.acts.detach()
+        if acts.dim() != 3 or tuple(acts.shape[1:]) != (self.n_layers, self.d_model):
+            raise ValueError(f"token shard: acts {list(acts.shape)}, expected [n, {self.n_layers}, {self.d_model}]")
+        acts = acts.to(self.dtype).contiguous().cpu()
+        if acts.numel():
+            self.f.write(acts.reshape(-1).view(torch.uint8).numpy().data)
+        self.n_tokens += acts.shape[0]
+        for name, parts in self.small.items():
+            parts.append(getattr(tokens, name).detach().cpu())
+
+    def close(self, skipped: dict[str, Any]) -> Path:
+        """Finish the shard (atomically) and return its path."""
+        import shutil
+
+        import torch
+
+        try:
+            fields = {"acts": (self.dtype, [self.n_tokens, self.n_layers, self.d_model])}
+            small = {}
+            for name, parts in self.small.items():
+                dtype = torch.uint8 if name == "token_type" else torch.long
+                small[name] = torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
+                fields[name] = (dtype, [self.n_tokens])
+            # Data order: acts (streamed already), then the int64 fields, then token_type (uint8):
+            # every tensor starts at a multiple of its element size.
+            header: dict[str, Any] = {"__metadata__": {"skipped": json.dumps(skipped)}}
+            offset = 0
+            for name in ("acts", "sample", "token_id", "type_index", "token_type"):
+                dtype, shape = fields[name]
+                n_bytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+                header[name] = {"dtype": _ST_NAMES[str(dtype).removeprefix("torch.")], "shape": shape,
+                                "data_offsets": [offset, offset + n_bytes]}
+                offset += n_bytes
+            for name in ("sample", "token_id", "type_index", "token_type"):
+                if small[name].numel():
+                    self.f.write(small[name].contiguous().numpy().data)
+            text = json.dumps(header, separators=(",", ":")).encode()
+            if len(text) <= _HEADER_RESERVE:
+                self.f.seek(0)
+                self.f.write(len(text + b" " * (_HEADER_RESERVE - len(text))).to_bytes(8, "little"))
+                self.f.write(text + b" " * (_HEADER_RESERVE - len(text)))
+                self.f.flush()
+                os.fsync(self.f.fileno())
+                self.f.close()
+                os.replace(self.tmp, self.path)
+            else:  # rare: rewrite behind a header of the right size
+                text += b" " * (-len(text) % 8)
+                self.f.flush()
+                self.f.seek(8 + _HEADER_RESERVE)
+                with _atomic_binary(self.path) as g:
+                    g.write(len(text).to_bytes(8, "little") + text)
+                    shutil.copyfileobj(self.f, g, 64 << 20)
+                self.abort()
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (its temp file)."""
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TokenShardWriter:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is not None:
+            self.abort()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_SHARD_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp's own is 0600); read once, at import
+
+
+@contextlib.contextmanager
+def _atomic_binary(path: Path) -> Any:
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _SHARD_MODE)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_token_shard(cache: Path, shard: int, tokens: Any, skipped: dict[str, Any]) -> Path:
     """Shard ``shard`` of a token cache, written atomically: the tensors of a
     :class:`lineofsight.harvest.TokenBatch` (``acts [n_tokens, n_layers, d_model]``, ``token_type``
     (0 image, 1 text_in_context, 2 text_only), ``sample`` (record index), ``token_id``,
-    ``type_index``) and the skip counts (:meth:`lineofsight.data.SkipCounter.to_dict`) in the metadata."""
-    from lineofsight.io import save_tensors
-
-    return save_tensors(shard_path(cache, shard), tokens.to_dict(), {"skipped": json.dumps(skipped)})
+    ``type_index``) and the skip counts (:meth:`lineofsight.data.SkipCounter.to_dict`) in the metadata.
+    The tokens of one call; :class:`TokenShardWriter` writes a shard batch by batch."""
+    _, n_layers, d_model = tokens.acts.shape
+    with TokenShardWriter(cache, shard, n_layers, d_model, tokens.acts.dtype) as writer:
+        writer.add(tokens)
+        return writer.close(skipped)
 
 
 def summarise_token_shards(cache: Path, n_shards: int) -> dict[str, Any]:
@@ -280,14 +420,9 @@ def summarise_token_shards(cache: Path, n_shards: int) -> dict[str, Any]:
             "skipped": skips.to_dict(), "skipped_summary": skips.summary()}
 
 
-def read_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]
-                     ) -> tuple[Any, Any, int, dict[str, Any]]:
-    """The tokens of ``types`` at ``layer`` (default: the cache's first layer) of a complete token cache.
-
-    ``path`` is the cache folder or the ``--out`` given to sae/cache_activations.py. Returns
-    ``(acts [N, d_model] float32, token_type [N] uint8, layer, metadata.json)``; a layer the cache
-    does not hold, or no tokens of ``types``, is a :class:`UserError`.
-    """
+def _token_cache_meta(path: Path | str, layer: int | None, types: tuple[str, ...]
+                      ) -> tuple[Path, Path, dict[str, Any], int, Any]:
+    """(cache folder, metadata path, metadata, layer, type codes) of a complete token cache, checked."""
     import torch
 
     from lineofsight.harvest import TOKEN_TYPES
@@ -304,8 +439,29 @@ def read_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]
     layer = meta["layers"][0] if layer is None else layer
     if layer not in meta["layers"]:
         raise UserError(f"--activations {cache} holds layers {meta['layers']}, not --layer {layer}")
-    col = meta["layers"].index(layer)
     codes = torch.tensor([TOKEN_TYPES.index(t) for t in types], dtype=torch.uint8)
+    return cache, meta_path, meta, layer, codes
+
+
+def _check_token_shard(shard: Path, shape: list[int], token_type: Any, n_layers: int) -> None:
+    if len(shape) != 3 or shape[1] != n_layers or list(token_type.shape) != shape[:1]:
+        raise UserError(f"{_TOKEN_SHARD} {shard}: 'acts' has shape {shape} and 'token_type' "
+                        f"{list(token_type.shape)}; expected [tokens, {n_layers} layers, d_model] and [tokens]")
+
+
+def read_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]
+                     ) -> tuple[Any, Any, int, dict[str, Any]]:
+    """The tokens of ``types`` at ``layer`` (default: the cache's first layer) of a complete token cache,
+    all in memory (the reference :class:`TokenRows` is tested against; training reads through it instead).
+
+    ``path`` is the cache folder or the ``--out`` given to sae/cache_activations.py. Returns
+    ``(acts [N, d_model] float32, token_type [N] uint8, layer, metadata.json)``; a layer the cache
+    does not hold, or no tokens of ``types``, is a :class:`UserError`.
+    """
+    import torch
+
+    cache, meta_path, meta, layer, codes = _token_cache_meta(path, layer, types)
+    col = meta["layers"].index(layer)
     acts, kinds, widths = [], [], set()
     for name in meta["shards"]:
         shard = _shard_file(cache, name, meta_path)
@@ -313,10 +469,7 @@ def read_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]
             token_type = f.get_tensor("token_type")
             sliced = f.get_slice("acts")
             shape = sliced.get_shape()
-            if len(shape) != 3 or shape[1] != len(meta["layers"]) or list(token_type.shape) != shape[:1]:
-                raise UserError(f"{_TOKEN_SHARD} {shard}: 'acts' has shape {shape} and 'token_type' "
-                                f"{list(token_type.shape)}; expected [tokens, {len(meta['layers'])} layers, d_model] "
-                                "and [tokens]")
+            _check_token_shard(shard, shape, token_type, len(meta["layers"]))
             keep = torch.isin(token_type, codes)
             acts.append(sliced[:, col : col + 1, :][keep, 0].float())
             kinds.append(token_type[keep])
@@ -327,3 +480,100 @@ def read_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]
     if len(types_N) == 0:
         raise UserError(f"--activations {cache} holds no tokens of types {', '.join(types)}")
     return acts_ND, types_N, layer, meta
+
+
+class TokenRows:
+    """The tokens of ``types`` at one layer of a token cache, read from the shard files row by row on demand.
+
+    Row ``i`` is the i-th kept token in shard order (exactly :func:`read_token_cache`'s row ``i``).
+    ``rows[idx]`` (``idx`` a LongTensor) reads just those rows, ``[len(idx), d_model]`` in the cache's
+    dtype, with one positioned read (``os.preadv``) per row straight into the result: nothing is
+    mapped, so neither the heap nor the resident set grows with the cache (the OS page cache does the
+    caching). In memory stay, per token, its type (1 byte) and, when ``types`` drops some tokens, the
+    kept token's row within its shard (4 bytes); per shard, its path and where its activations start.
+    """
+
+    def __init__(self, path: Path | str, layer: int | None, types: tuple[str, ...]) -> None:
+        import torch
+
+        cache, meta_path, meta, layer, codes = _token_cache_meta(path, layer, types)
+        self.cache, self.meta, self.layer = cache, meta, layer
+        n_layers, col = len(meta["layers"]), meta["layers"].index(layer)
+        self.paths: list[Path] = []
+        self.kept: list[Any] = []  # per shard: int32 rows of the kept tokens, or None (all kept)
+        self.base: list[int] = []  # per shard: the byte offset of layer ``layer`` of row 0
+        kinds, starts, widths, dtypes = [], [0], set(), set()
+        for name in meta["shards"]:
+            shard = _shard_file(cache, name, meta_path)
+            with open_tensors(shard, _TOKEN_SHARD) as f:
+                token_type = f.get_tensor("token_type")
+                shape = f.get_slice("acts").get_shape()
+                _check_token_shard(shard, shape, token_type, n_layers)
+                dtype = f.get_slice("acts").get_dtype()
+            data_start, info = _safetensors_layout(shard)
+            keep = torch.isin(token_type, codes)
+            n_keep = int(keep.sum())
+            self.kept.append(None if n_keep == len(keep) else keep.nonzero().flatten().to(torch.int32))
+            kinds.append(token_type[keep])
+            starts.append(starts[-1] + n_keep)
+            widths.add(shape[2])
+            dtypes.add(dtype)
+            self.paths.append(shard)
+            self.base.append(data_start + info["acts"]["data_offsets"][0])
+        if len(widths) != 1:
+            raise UserError(f"the shards of {cache} disagree on d_model: {sorted(widths)}")
+        if len(dtypes) != 1:
+            raise UserError(f"the shards of {cache} disagree on the activations' dtype: {sorted(dtypes)}")
+        self.types = torch.cat(kinds)
+        """``[N]`` uint8 type code of every row."""
+        if len(self.types) == 0:
+            raise UserError(f"--activations {cache} holds no tokens of types {', '.join(types)}")
+        self.d_model = widths.pop()
+        dtype = {v: k for k, v in _ST_NAMES.items()}.get(dtypes.pop())
+        if dtype is None or not getattr(torch, dtype).is_floating_point:
+            raise UserError(f"the shards of {cache} hold activations of dtype {dtype}, not floating point")
+        self.dtype = getattr(torch, dtype)
+        self.row_bytes = self.d_model * torch.empty(0, dtype=self.dtype).element_size()
+        self.stride = n_layers * self.row_bytes
+        self.base = [b + col * self.row_bytes for b in self.base]
+        self.starts = torch.tensor(starts)
+
+    def __len__(self) -> int:
+        return len(self.types)
+
+    def __getitem__(self, idx: Any) -> Any:
+        import torch
+
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+        out = torch.empty(len(idx), self.d_model, dtype=self.dtype)
+        if not len(idx):
+            return out
+        if int(idx.min()) < 0 or int(idx.max()) >= len(self):
+            raise IndexError(f"token rows {int(idx.min())}..{int(idx.max())} out of range for {len(self)}")
+        buf = out.view(torch.uint8).numpy()  # [n, row_bytes], written in place
+        shard_of = torch.searchsorted(self.starts, idx, right=True) - 1
+        local = idx - self.starts[shard_of]
+        for s in shard_of.unique().tolist():
+            where = (shard_of == s).nonzero().flatten()
+            rows = local[where] if self.kept[s] is None else self.kept[s][local[where]].long()
+            fd = os.open(self.paths[s], os.O_RDONLY)
+            try:
+                for j, offset in zip(where.tolist(), (self.base[s] + rows * self.stride).tolist(), strict=True):
+                    if os.preadv(fd, [buf[j]], offset) != self.row_bytes:
+                        raise UserError(f"{_TOKEN_SHARD} {self.paths[s]} is truncated")
+            finally:
+                os.close(fd)
+        return out
+
+
+def open_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]) -> TokenRows:
+    """The tokens of ``types`` at ``layer`` of a complete token cache, read lazily (:class:`TokenRows`);
+    the same checks and errors as :func:`read_token_cache`."""
+    return TokenRows(path, layer, types)
+
+
+def _safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
+    """(where the data of a safetensors file starts, its header); the file was opened by safetensors already."""
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))

@@ -8,9 +8,11 @@ stops after the deepest one.
 Output: ``<out>/tokens-<hash>/`` named by a hash of what determines its contents: ``config.json``
 (first), ``shard-00000.safetensors`` ... (``acts [n_tokens, n_layers, d_model]``, ``token_type``
 (0 image, 1 text_in_context, 2 text_only), ``sample`` (record index), ``token_id``, ``type_index``
-(the j-th image / caption token of its record); the record ids
-and skipped images in the metadata; each written atomically, so a shard exists only when
-complete), ``metadata.json`` (last: the cache is complete) and ``run.json`` (the run record:
+(the j-th image / caption token of its record); the record ids and skipped images in the metadata;
+activations in ``--save-dtype``, by default the model's ``--dtype``; each shard is streamed to a temp
+file as its forward passes finish, so memory holds one forward's tokens, never a whole shard, and
+renamed into place when complete, so a shard exists only when complete), ``metadata.json`` (last:
+the cache is complete) and ``run.json`` (the run record:
 command, config, git SHA, versions; see ``lineofsight/run.py``). The format is
 ``lineofsight/cache.py``'s token cache. Re-running the same config reuses a complete cache and
 resumes an interrupted one from its complete shards; ``--overwrite`` starts it again. Under
@@ -60,8 +62,9 @@ class Config:
     """Threads that decode the images of the next batches while the model runs (0: none)."""
     dtype: Dtype = "float32"
     """Model dtype."""
-    save_dtype: Dtype = "float32"
-    """dtype of the stored activations."""
+    save_dtype: Dtype | None = None
+    """dtype of the stored activations (default: --dtype, the model's; a bfloat16 model's tokens take half
+    the disk of float32 ones and lose nothing)."""
     device: str | None = None
     """Device: cpu, cuda or cuda:N (default: this rank's GPU if there is one, else cpu)."""
     out: Path = Path("runs/sae-cache")
@@ -92,15 +95,15 @@ def main(cfg: Config, run: Run) -> Path:
     from lineofsight import dist
     from lineofsight.cache import (
         TOKEN_CACHE_VERSION,
+        TokenShardWriter,
         open_cache,
         pending_shards,
         summarise_token_shards,
         write_cache_metadata,
-        write_token_shard,
     )
     from lineofsight.cli import UserError
     from lineofsight.data import SkipCounter, read_sharegpt4v
-    from lineofsight.harvest import Harvester, TokenBatch, record_batches
+    from lineofsight.harvest import Harvester, record_batches
     from lineofsight.models import check_layer, check_model, text_config
     from lineofsight.toy import ensure_toy_world
 
@@ -116,7 +119,8 @@ def main(cfg: Config, run: Run) -> Path:
     for layer in cfg.layers:
         check_layer(model, layer, "--layers")
     layers = sorted(set(cfg.layers))
-    save_dtype = getattr(torch, cfg.save_dtype)
+    save_dtype_name = cfg.save_dtype or cfg.dtype
+    save_dtype = getattr(torch, save_dtype_name)
     harvester = Harvester(model, processor, layers, max_caption_tokens=cfg.max_caption_tokens, types=cfg.types,
                           save_dtype=save_dtype)
     harvester.check_boundary(records[0].caption)
@@ -134,7 +138,7 @@ def main(cfg: Config, run: Run) -> Path:
         "max_caption_tokens": cfg.max_caption_tokens,
         "records_per_shard": cfg.records_per_shard,
         "dtype": cfg.dtype,
-        "save_dtype": cfg.save_dtype,
+        "save_dtype": save_dtype_name,
     }
     cache, complete = open_cache(run, cfg.out, key, cfg.overwrite, "tokens")
     if complete:
@@ -148,22 +152,22 @@ def main(cfg: Config, run: Run) -> Path:
     bar = tqdm(total=sum(min(cfg.records_per_shard, len(records) - s * cfg.records_per_shard) for s in todo),
                desc="records", unit="rec", disable=not info.is_main)
     n_tokens = 0
+    d_model = text_config(model).hidden_size
     for shard in todo:
         lo, hi = shard * cfg.records_per_shard, min(len(records), (shard + 1) * cfg.records_per_shard)
         skips = SkipCounter()
-        parts = []
         seen = 0
-        for idx, captions, images in record_batches(records, range(lo, hi), image_root, cfg.batch_size, skips,
-                                                    cfg.load_threads):
-            run.check_alive()
-            if idx:
-                parts.append(harvester(captions, images, idx))
-            bar.update(len(idx) + skips.total - seen)
-            seen = skips.total
-        tokens = TokenBatch.cat(parts) if parts else TokenBatch.empty(len(layers), text_config(model).hidden_size,
-                                                                      save_dtype)
-        n_tokens += len(tokens)
-        write_token_shard(cache, shard, tokens, skips.to_dict())
+        # Each forward's tokens go to the shard file as they come: memory holds one forward, never a shard.
+        with TokenShardWriter(cache, shard, len(layers), d_model, save_dtype) as writer:
+            for idx, captions, images in record_batches(records, range(lo, hi), image_root, cfg.batch_size, skips,
+                                                        cfg.load_threads):
+                run.check_alive()
+                if idx:
+                    writer.add(harvester(captions, images, idx))
+                bar.update(len(idx) + skips.total - seen)
+                seen = skips.total
+            n_tokens += writer.n_tokens
+            writer.close(skips.to_dict())
         bar.set_postfix(tokens=n_tokens)
     bar.close()
     dist.barrier()

@@ -3,9 +3,13 @@
 Online mode (default): every rank loads the VLM, reads a disjoint share of the ShareGPT4V records
 (reshuffled every epoch), harvests the layer with an early stop (image tokens, caption tokens in
 context, caption tokens alone: ``lineofsight/harvest.py``), fills a shuffle buffer and trains
-the SAE wrapped in DDP. ``--activations <cache>`` (from ``sae/cache_activations.py``) trains
+the SAE wrapped in DDP. The shuffle buffer (``OnlineSource``) has a fixed size on the training device
+(``--buffer-dtype``, default the model's) and is refilled in place: a step moves one batch of rows,
+whatever the buffer's size. ``--activations <cache>`` (from ``sae/cache_activations.py``) trains
 from a token cache instead: each step's global batch is a slice of one seeded permutation of
-the cache, split between the ranks, so any number of ranks trains on exactly the same batches.
+the cache, split between the ranks, so any number of ranks trains on exactly the same batches;
+each rank reads only its rows of each batch from the shard files (``lineofsight.cache.TokenRows``),
+so memory does not grow with the cache.
 
 Before the first step, rank 0 sets the activation scale (mean norm -> sqrt(d_in)) and ``b_dec``
 (the mean) from its buffer and broadcasts them. Schedules follow the paper: lambda warmed up over
@@ -98,7 +102,12 @@ class Config:
     total_tokens: int = 2_000_000
     """Tokens to train on, over all ranks (steps = total_tokens / (batch_size x world size))."""
     buffer_batches: int = 8
-    """Online mode: the shuffle buffer holds this many batches of tokens."""
+    """Online mode: the shuffle buffer holds this many batches of tokens (a token waits in it --buffer-batches steps
+    on average; see OnlineSource)."""
+    buffer_dtype: Dtype | None = None
+    """Online mode: dtype of the shuffle buffer, kept on the training device (default: --dtype, the model's, which the
+    harvested activations already have: a bfloat16 model's buffer takes half the memory of a float32 one and loses
+    nothing; float32 on request). Batches reach the SAE as float32."""
     records_per_forward: int = 8
     """Online mode: records per harvesting forward pass."""
     load_threads: int = 4
@@ -171,7 +180,7 @@ class Config:
 # layer is compared with the checkpoint's SAE instead: a default (None) resolves to a number.
 RESUME_KEYS = ("model", "data", "limit", "activations", "types", "activation", "expansion", "k", "l1_coefficient",
                "l1_warmup_frac", "lr", "lr_decay_frac", "batch_size", "total_tokens", "buffer_batches",
-               "records_per_forward", "max_caption_tokens", "dead_after_tokens", "aux_k", "seed")
+               "buffer_dtype", "records_per_forward", "max_caption_tokens", "dead_after_tokens", "aux_k", "seed")
 
 
 def lr_factor(step: int, n_steps: int, decay_frac: float) -> float:
@@ -194,7 +203,28 @@ def l1_factor(step: int, n_steps: int, warmup_frac: float) -> float:
 
 
 class OnlineSource:
-    """Harvests this rank's records (every epoch a new seeded order) into a shuffle buffer."""
+    """Harvests this rank's records (every epoch a new seeded order) into a fixed-capacity shuffle buffer.
+
+    **The buffer** is ``acts [C, d_model]`` in ``--buffer-dtype`` and ``types [C]`` on the training
+    device, C = ``--buffer-batches`` x ``--batch-size``, allocated once and then only written in
+    place. It is filled by the first harvests; then each step draws B = ``--batch-size`` distinct
+    slots uniformly at random (the first B of a seeded permutation of the C slots), copies their
+    tokens out as the batch (float32), and overwrites exactly those B slots with the next harvested
+    tokens, in harvest order. A harvest (``--records-per-forward`` records) that brings more tokens
+    than the free slots need leaves the rest in the *staging area* (the unused tail of that one
+    harvest); a new harvest runs only when the staging area is empty, so it never holds more than one
+    harvest. A step therefore reads B rows and writes B rows, whatever C is. The checkpointed state
+    is exactly the buffer, the staging area, the RNG and the position in the records.
+
+    **Mixing guarantee.** (1) Every harvested token enters the buffer exactly once, in harvest order
+    (none is dropped or duplicated), and is served at most once: its slot is overwritten right after
+    it is served. (2) Each batch is a uniformly random B-subset of the C resident tokens, drawn
+    independently of how long they have waited; so at every step each resident token is served with
+    probability B / C = 1 / K (K = ``--buffer-batches``). A token that enters the buffer in the refill
+    after step t is served at step t + w, w >= 1 geometric with mean K: P(w > k) = (1 - 1/K)^k (K = 8:
+    55 % are served within 6 steps, 99 % within 35). Tokens of the initial fill are served from step
+    0 on with the same law. A batch's tokens come from about the last K refills, not from one image.
+    """
 
     def __init__(self, cfg: Config, harvester: Any, records: list[Any], rank: int, world: int, device: Any) -> None:
         import torch
@@ -203,12 +233,20 @@ class OnlineSource:
         from lineofsight.harvest import ImageLoader
 
         self.cfg, self.harvester, self.records = cfg, harvester, records
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device = rank, world, torch.device(device)
         self.epoch, self.cursor = 0, 0
         self.skips = SkipCounter()
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
-        self.acts = torch.zeros(0, 0)
-        self.types = torch.zeros(0, dtype=torch.uint8)
+        self.dtype = getattr(torch, cfg.buffer_dtype or cfg.dtype)
+        self.capacity = cfg.buffer_batches * cfg.batch_size
+        self.acts: Any = None
+        """``[C, d_model]`` in ``--buffer-dtype`` on the device; allocated at the first harvest (d_model known)."""
+        self.types = torch.zeros(self.capacity, dtype=torch.uint8, device=self.device)
+        self.n_filled = 0
+        """Slots filled so far (C once the first fill is done)."""
+        self.stage_acts: Any = None
+        """``[S, d_model]``: the tokens of the last harvest not yet in the buffer (S <= one harvest)."""
+        self.stage_types = torch.zeros(0, dtype=torch.uint8, device=self.device)
         self.image_root = cfg.image_root or cfg.data.parent
         self._order: list[int] | None = None
         self.loader = ImageLoader(records, self.image_root, cfg.load_threads)
@@ -227,8 +265,8 @@ class OnlineSource:
         return self._order
 
     def _harvest_more(self) -> tuple[list[int], dict[int, dict[str, Any]]]:
-        """Harvest this rank's next ``--records-per-forward`` records into the buffer; returns them and
-        the skip counts of those whose image could not be read."""
+        """Harvest this rank's next ``--records-per-forward`` records into the (empty) staging area;
+        returns them and the skip counts of those whose image could not be read."""
         import torch
 
         from lineofsight.data import SkipCounter
@@ -254,30 +292,47 @@ class OnlineSource:
                 images.append(image)
         if idx:
             got = self.harvester(captions, images, idx)
-            acts = got.acts[:, 0].to(torch.float32)
-            self.acts = acts if self.acts.numel() == 0 else torch.cat([self.acts, acts])
-            self.types = torch.cat([self.types, got.token_type])
+            self.stage_acts = got.acts[:, 0].to(self.device, self.dtype)
+            self.stage_types = got.token_type.to(self.device, torch.uint8)
+            if self.acts is None:
+                self.acts = torch.zeros(self.capacity, self.stage_acts.shape[1], dtype=self.dtype, device=self.device)
         return chunk, unread
 
     def close(self) -> None:
         self.loader.close()
 
-    def fill(self) -> None:
-        """Harvest until the buffer holds ``--buffer-batches`` batches; :class:`UserError` when every one of
-        this rank's records has been tried since the buffer last grew (a full pass gave no tokens)."""
-        need = self.cfg.buffer_batches * self.cfg.batch_size
+    def _write(self, slots: Any) -> None:
+        """Write the next tokens (staged first, then new harvests) into buffer ``slots`` (a LongTensor on the
+        device), in order. :class:`UserError` when every one of this rank's records has been tried since
+        the last token came (a full pass gave no tokens)."""
         n_mine = len(range(self.rank, len(self.records), self.world))
         dry: dict[int, dict[str, Any] | None] = {}  # records tried without a token: skip counts (None: read)
-        while len(self.types) < need:
-            before = len(self.types)
-            chunk, unread = self._harvest_more()
-            if len(self.types) > before:
-                dry = {}
+        done = 0
+        while done < len(slots):
+            if len(self.stage_types) == 0:
+                chunk, unread = self._harvest_more()
+                if len(self.stage_types):
+                    dry = {}
+                    continue
+                dry.update({i: unread.get(i) for i in chunk})  # by record: each image counted once
+                if len(dry) >= n_mine:
+                    self.close()
+                    raise self._no_tokens(dry)
                 continue
-            dry.update({i: unread.get(i) for i in chunk})  # by record: each image counted once
-            if len(dry) >= n_mine:
-                self.close()
-                raise self._no_tokens(dry)
+            k = min(len(self.stage_types), len(slots) - done)
+            dst = slots[done : done + k]
+            self.acts.index_copy_(0, dst, self.stage_acts[:k])
+            self.types.index_copy_(0, dst, self.stage_types[:k])
+            self.stage_acts, self.stage_types = self.stage_acts[k:], self.stage_types[k:]  # views: no copy
+            done += k
+
+    def fill(self) -> None:
+        """The first fill: harvest until every slot of the buffer holds a token."""
+        import torch
+
+        if self.n_filled < self.capacity:
+            self._write(torch.arange(self.n_filled, self.capacity, device=self.device))
+            self.n_filled = self.capacity
 
     def _no_tokens(self, dry: dict[int, dict[str, Any] | None]) -> Exception:
         from lineofsight.cli import UserError
@@ -298,34 +353,48 @@ class OnlineSource:
                          f"({skips.total} unreadable images{': ' + why if why else ''}); {where}")
 
     def next_batch(self, step: int) -> tuple[Any, Any]:
+        """``(x [B, d_model] float32, types [B])`` on the device; see the class docstring."""
         import torch
 
         self.fill()
-        perm = torch.randperm(len(self.types), generator=self.gen)
-        take, rest = perm[: self.cfg.batch_size], perm[self.cfg.batch_size :]
-        x, t = self.acts[take], self.types[take]
-        self.acts, self.types = self.acts[rest], self.types[rest]
-        return x.to(self.device), t.to(self.device)
+        slots = torch.randperm(self.capacity, generator=self.gen)[: self.cfg.batch_size].to(self.device)
+        x, t = self.acts[slots].float(), self.types[slots]  # copies, taken before the slots are refilled
+        self._write(slots)
+        return x, t
 
     def peek(self, n: int) -> Any:
         self.fill()
-        return self.acts[:n]
+        return self.acts[:n].float()
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(tensors, JSON) of this rank's data position, buffer and RNG."""
-        tensors = {"buffer_acts": self.acts, "buffer_types": self.types, "gen_state": self.gen.get_state()}
-        return tensors, {"epoch": self.epoch, "cursor": self.cursor, "skipped": self.skips.to_dict()}
+        """(tensors, JSON) of this rank's buffer, staging area, RNG and data position."""
+        tensors = {"buffer_acts": self.acts, "buffer_types": self.types, "stage_acts": self.stage_acts.clone(),
+                   "stage_types": self.stage_types.clone(), "gen_state": self.gen.get_state()}
+        meta = {"epoch": self.epoch, "cursor": self.cursor, "n_filled": self.n_filled,
+                "skipped": self.skips.to_dict()}
+        return tensors, meta
 
     def load_state(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
-        self.acts, self.types = tensors["buffer_acts"], tensors["buffer_types"]
+        from lineofsight.cli import UserError
+
+        if "stage_acts" not in tensors or len(tensors["buffer_types"]) != self.capacity:
+            raise UserError("--resume: the checkpoint holds a shuffle buffer of an older trainer (it grew and shrank); "
+                            "start the run again with --overwrite")
+        self.acts = tensors["buffer_acts"].to(self.device)
+        if self.acts.dtype != self.dtype:
+            raise UserError(f"--resume: the checkpoint's buffer is {self.acts.dtype}, not --buffer-dtype {self.dtype}")
+        self.types = tensors["buffer_types"].to(self.device)
+        self.stage_acts, self.stage_types = tensors["stage_acts"].to(self.device), tensors["stage_types"].to(self.device)
         self.gen.set_state(tensors["gen_state"])
         self.epoch, self.cursor, self._order = meta["epoch"], meta["cursor"], None
+        self.n_filled = meta["n_filled"]
         self.skips.merge(meta["skipped"])
 
 
 class CacheSource:
-    """The layer's tokens from a cache, in memory; global batch ``step`` is a fixed slice of one
-    seeded permutation per epoch, and rank r takes its r-th part."""
+    """The layer's tokens from a cache; global batch ``step`` is a fixed slice of one seeded permutation
+    per epoch, and rank r takes its r-th part. ``acts`` is a :class:`lineofsight.cache.TokenRows` (each
+    step reads just this rank's rows from the shard files) or an in-memory ``[N, d_model]`` tensor."""
 
     def __init__(self, cfg: Config, acts: Any, types: Any, rank: int, world: int, device: Any) -> None:
         from lineofsight.data import SkipCounter
@@ -351,11 +420,15 @@ class CacheSource:
         return torch.tensor(out)
 
     def next_batch(self, step: int) -> tuple[Any, Any]:
+        import torch
+
         idx = self._global_indices(step)[self.rank * self.cfg.batch_size : (self.rank + 1) * self.cfg.batch_size]
-        return self.acts[idx].to(self.device), self.types[idx].to(self.device)
+        return self.acts[idx].to(self.device, torch.float32), self.types[idx].to(self.device)
 
     def peek(self, n: int) -> Any:
-        return self.acts[self._global_indices(0)[:n]]
+        import torch
+
+        return self.acts[self._global_indices(0)[:n]].to(torch.float32)
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         return {}, {}
@@ -529,17 +602,17 @@ class Training:
 
 
 def load_data(cfg: Config, run: Run) -> Data:
-    """The token source of this rank: a token cache in memory, or the VLM harvesting its records."""
+    """The token source of this rank: a token cache read row by row, or the VLM harvesting its records."""
     from lineofsight.cli import UserError
     from lineofsight.toy import ensure_toy_world
 
     info = run.info
     if cfg.activations is not None:
-        from lineofsight.cache import read_token_cache
+        from lineofsight.cache import open_token_cache
 
-        acts, types, layer, meta = read_token_cache(cfg.activations, cfg.layer, cfg.types)
-        source = CacheSource(cfg, acts, types, info.rank, info.world_size, info.device)
-        return Data(source, layer, acts.shape[1], meta["key"]["model"])
+        rows = open_token_cache(cfg.activations, cfg.layer, cfg.types)  # read lazily, step by step
+        source = CacheSource(cfg, rows, rows.types, info.rank, info.world_size, info.device)
+        return Data(source, rows.layer, rows.d_model, rows.meta["key"]["model"])
 
     from lineofsight.data import read_sharegpt4v
     from lineofsight.harvest import Harvester
@@ -554,7 +627,10 @@ def load_data(cfg: Config, run: Run) -> Data:
     n = n_layers(model)
     layer = cfg.layer if cfg.layer is not None else (8 if n >= 16 else n // 2)
     check_layer(model, layer)
-    harvester = Harvester(model, processor, [layer], max_caption_tokens=cfg.max_caption_tokens, types=cfg.types)
+    import torch
+
+    harvester = Harvester(model, processor, [layer], max_caption_tokens=cfg.max_caption_tokens, types=cfg.types,
+                          save_dtype=getattr(torch, cfg.buffer_dtype or cfg.dtype))
     harvester.check_boundary(records[0].caption)
     source = OnlineSource(cfg, harvester, records, info.rank, info.world_size, info.device)
     return Data(source, layer, text_config(model).hidden_size, model_source, residual_site(model, layer))

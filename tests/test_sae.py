@@ -202,3 +202,138 @@ def test_scale_maps_mean_norm_to_sqrt_d():
     sae = SparseAutoencoder(SAEConfig(d_in=64, d_sae=128))
     sae.set_scale_from(x)
     assert float((x * sae.cfg.act_scale).norm(dim=1).mean()) == pytest.approx(math.sqrt(64), rel=1e-5)
+
+
+# ---- the sparse encoder backward of TopK / BatchTopK (lineofsight.sae._EncoderAt) ----------------
+
+
+def dense_reference_loss(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The training loss written with plain dense autograd: dense pre-activations, dense latents,
+    dense decoder product, AuxK with a dense scatter (the formula ``loss`` must reproduce)."""
+    cfg = sae.cfg
+    xs = x.to(sae.W_enc.dtype) * cfg.act_scale
+    pre = (xs - sae.b_dec) @ sae.W_enc + sae.b_enc
+    latents = sae.activate(pre)
+    x_hat = latents @ sae.W_dec + sae.b_dec
+    err = xs - x_hat
+    mse = err.pow(2).sum(-1).mean()
+    aux = mse.new_zeros(())
+    if dead is not None:
+        masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+        vals, idx = masked.topk(min(cfg.aux_k, int(dead.sum())), dim=-1)
+        err_hat = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals)) @ sae.W_dec
+        den = (err.detach() - err.detach().mean(0)).pow(2).sum(-1).mean()
+        aux = cfg.aux_coefficient * (err.detach() - err_hat).pow(2).sum(-1).mean() / den
+    return {"loss": mse + aux, "mse": mse, "aux": aux, "x_hat": x_hat, "latents": latents}
+
+
+class MatmulLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the layout and shape of the first operand of every matrix product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mms: list[tuple[torch.layout, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a = args[0] if func is torch.ops.aten.mm.default else args[1]
+            self.mms.append((a.layout, tuple(a.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def encoder_case(activation: str, dtype=torch.float32, seed: int = 0):
+    """A small TopK/BatchTopK SAE with non-zero biases and a batch: (sae, x, dead latents)."""
+    torch.manual_seed(seed)
+    cfg = SAEConfig(d_in=24, d_sae=192, activation=activation, k=5, aux_k=12, act_scale=1.3)
+    sae = SparseAutoencoder(cfg, seed=seed, dtype=dtype).train()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_()
+        sae.W_enc.add_(torch.randn_like(sae.W_enc) * 0.1)  # W_enc != W_dec^T, so a transposed grad shows
+    x = torch.randn(40, 24, dtype=dtype)
+    dead = torch.zeros(192, dtype=torch.bool)
+    dead[torch.randperm(192, generator=torch.Generator().manual_seed(seed))[:50]] = True
+    return sae, x, dead
+
+
+def loss_and_grads(fn, sae: SparseAutoencoder, x: torch.Tensor, x_grad: bool, autocast: bool = False):
+    """Outputs and gradients of ``fn(x)``; with ``autocast`` the forward runs under CPU bf16 autocast and
+    the backward outside it, as in sae-trainer.py."""
+    sae.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(x_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = fn(x)
+    (out["loss"] + 0.3 * out["x_hat"].sum()).backward()  # x_hat's own gradient too, not only the loss's
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    if x_grad:
+        grads["x"] = x.grad.clone()
+    return {k: v.detach() for k, v in out.items() if k in ("loss", "mse", "aux", "x_hat", "latents")}, grads
+
+
+def assert_rel_close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    """Max abs difference within ``tol`` times the largest magnitude of the reference."""
+    scale = float(ref.abs().max().clamp(min=1e-12))
+    diff = float((ours.float() - ref.float()).abs().max())
+    assert diff <= tol * scale, f"{what}: max diff {diff:.3g} > {tol:g} * {scale:.3g}"
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+@pytest.mark.parametrize("with_dead", [False, True], ids=["no-aux", "aux"])
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-no-grad", "x-grad"])
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_sparse_encoder_backward_equals_dense_autograd(monkeypatch, activation, with_dead, x_grad, backward):
+    import lineofsight.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "SPARSE_BACKWARD_MAX_DENSITY", 1.0 if backward == "sparse" else 0.0)
+    sae, x, dead = encoder_case(activation)
+    dead = dead if with_dead else None
+    ours, our_grads = loss_and_grads(lambda xx: sae.loss(xx, dead_mask=dead), sae, x, x_grad)
+    ref, ref_grads = loss_and_grads(lambda xx: dense_reference_loss(sae, xx, dead), sae, x, x_grad)
+    assert torch.equal(ours["latents"], ref["latents"])
+    assert with_dead == (float(ours["aux"]) > 0)
+    for name in ("loss", "mse", "aux", "x_hat"):
+        assert_rel_close(ours[name], ref[name], 1e-5, name)
+    assert our_grads.keys() == ref_grads.keys()
+    for name, ref_grad in ref_grads.items():
+        assert float(ref_grad.abs().max()) > 0, name
+        assert_rel_close(our_grads[name], ref_grad, 1e-5, f"grad {name}")
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_sparse_encoder_backward_under_bf16_autocast(activation):
+    sae, x, dead = encoder_case(activation, seed=1)
+    ours, our_grads = loss_and_grads(lambda xx: sae.loss(xx, dead_mask=dead), sae, x, True, autocast=True)
+    ref, ref_grads = loss_and_grads(lambda xx: dense_reference_loss(sae, xx, dead), sae, x, True, autocast=True)
+    assert ours["x_hat"].dtype == ref["x_hat"].dtype
+    assert torch.equal(ours["latents"], ref["latents"])  # the same bf16 product picks the same latents
+    for name in ("loss", "mse", "aux", "x_hat"):
+        assert_rel_close(ours[name], ref[name], 2e-2, name)
+    for name, ref_grad in ref_grads.items():
+        assert our_grads[name].dtype == ref_grad.dtype
+        assert_rel_close(our_grads[name], ref_grad, 1.5e-2, f"grad {name}")
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.bfloat16, 3e-2)], ids=["fp64", "bf16"])
+def test_sparse_encoder_backward_with_float64_and_bfloat16_weights(activation, dtype, tol):
+    sae, x, dead = encoder_case(activation, dtype=dtype, seed=2)
+    ours, our_grads = loss_and_grads(lambda xx: sae.loss(xx, dead_mask=dead), sae, x, False)
+    ref, ref_grads = loss_and_grads(lambda xx: dense_reference_loss(sae, xx, dead), sae, x, False)
+    assert_rel_close(ours["loss"], ref["loss"], tol, "loss")
+    for name, ref_grad in ref_grads.items():
+        assert our_grads[name].dtype == dtype
+        assert_rel_close(our_grads[name], ref_grad, tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_sparse_encoder_backward_uses_only_active_pairs(x_grad):
+    """The encoder backward is one CSR product over the N k active pairs (two when the input needs its
+    gradient): no dense [N, d_sae] gradient, no input-gradient product in training."""
+    sae, x, _ = encoder_case("topk")
+    out = sae.loss(x.clone().requires_grad_(x_grad))
+    log = MatmulLog()
+    with log:
+        out["mse"].backward()
+    n, d_sae = len(x), sae.cfg.d_sae
+    expected = [(torch.sparse_csr, (d_sae, n))] + ([(torch.sparse_csr, (n, d_sae))] if x_grad else [])
+    assert log.mms == expected
