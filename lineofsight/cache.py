@@ -9,7 +9,6 @@ and reuses or resumes it; a folder of a different config is never written into.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -18,7 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lineofsight.cli import UserError
-from lineofsight.io import check_shape, open_tensors, read_json, tensors_metadata
+from lineofsight.io import (
+    FILE_MODE,
+    atomic_file,
+    check_shape,
+    open_tensors,
+    read_json,
+    safetensors_dtype,
+    tensors_metadata,
+    torch_dtype_name,
+)
 
 if TYPE_CHECKING:
     from lineofsight.run import Run
@@ -246,8 +254,6 @@ TOKEN_CACHE_VERSION = 1
 _TOKEN_SHARD = "token-cache shard"
 _HEADER_RESERVE = 64 * 1024
 """Bytes kept free for a token shard's safetensors header while its activations are streamed in behind it."""
-_ST_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
-             "int32": "I32", "int16": "I16", "uint8": "U8", "int8": "I8", "bool": "BOOL"}
 
 
 class TokenShardWriter:
@@ -269,7 +275,7 @@ class TokenShardWriter:
         self.path = shard_path(cache, shard)
         self.n_layers, self.d_model, self.dtype = n_layers, d_model, dtype
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.fchmod(fd, _SHARD_MODE)
+        os.fchmod(fd, FILE_MODE)
         self.tmp = Path(tmp)
         self.f = os.fdopen(fd, "w+b")
         self.f.seek(8 + _HEADER_RESERVE)
@@ -310,7 +316,7 @@ class TokenShardWriter:
             for name in ("acts", "sample", "token_id", "type_index", "token_type"):
                 dtype, shape = fields[name]
                 n_bytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-                header[name] = {"dtype": _ST_NAMES[str(dtype).removeprefix("torch.")], "shape": shape,
+                header[name] = {"dtype": safetensors_dtype(dtype), "shape": shape,
                                 "data_offsets": [offset, offset + n_bytes]}
                 offset += n_bytes
             for name in ("sample", "token_id", "type_index", "token_type"):
@@ -329,7 +335,7 @@ class TokenShardWriter:
                 text += b" " * (-len(text) % 8)
                 self.f.flush()
                 self.f.seek(8 + _HEADER_RESERVE)
-                with _atomic_binary(self.path) as g:
+                with atomic_file(self.path) as g:
                     g.write(len(text).to_bytes(8, "little") + text)
                     shutil.copyfileobj(self.f, g, 64 << 20)
                 self.abort()
@@ -350,32 +356,6 @@ class TokenShardWriter:
     def __exit__(self, kind: Any, *_: Any) -> None:
         if kind is not None:
             self.abort()
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_SHARD_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp's own is 0600); read once, at import
-
-
-@contextlib.contextmanager
-def _atomic_binary(path: Path) -> Any:
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _SHARD_MODE)
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_token_shard(cache: Path, shard: int, tokens: Any, skipped: dict[str, Any]) -> Path:
@@ -529,7 +509,7 @@ class TokenRows:
         if len(self.types) == 0:
             raise UserError(f"--activations {cache} holds no tokens of types {', '.join(types)}")
         self.d_model = widths.pop()
-        dtype = {v: k for k, v in _ST_NAMES.items()}.get(dtypes.pop())
+        dtype = torch_dtype_name(dtypes.pop())
         if dtype is None or not getattr(torch, dtype).is_floating_point:
             raise UserError(f"the shards of {cache} hold activations of dtype {dtype}, not floating point")
         self.dtype = getattr(torch, dtype)

@@ -20,8 +20,9 @@ from typing import Any
 
 from lineofsight.cli import UserError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "check_shape", "json_type", "load_tensors", "open_tensors",
-           "provenance", "read_json", "read_text", "save_figure", "save_tensors", "tensors_metadata", "write_json"]
+__all__ = ["FILE_MODE", "atomic_file", "atomic_write_bytes", "atomic_write_text", "check_shape", "json_type", "load_tensors", "open_tensors",
+           "provenance", "read_json", "read_text", "save_figure", "safetensors_dtype", "save_tensors", "tensors_metadata",
+           "torch_dtype_name", "write_json"]
 
 
 def _umask() -> int:
@@ -30,11 +31,12 @@ def _umask() -> int:
     return mask
 
 
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's own is 0600
+FILE_MODE = 0o666 & ~_umask()
+"""What ``open()`` gives a new file under this process's umask (``mkstemp``'s own is 0600)."""
 
 
 @contextlib.contextmanager
-def _atomic_file(path: Path | str) -> Iterator[Any]:
+def atomic_file(path: Path | str) -> Iterator[Any]:
     """A binary file object for ``path``: a temp file ``.{name}.*.tmp`` in the same folder (the usual
     umask-respecting permissions), fsynced and renamed over ``path`` when the block exits cleanly,
     removed when it raises."""
@@ -42,7 +44,7 @@ def _atomic_file(path: Path | str) -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -56,7 +58,7 @@ def _atomic_file(path: Path | str) -> Iterator[Any]:
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace`` (the file gets
     the usual umask-respecting permissions)."""
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         f.write(data)
     return Path(path)
 
@@ -78,6 +80,16 @@ _ST_DTYPES: list[tuple[str, str]] = [
     ("int16", "I16"), ("uint16", "U16"), ("float16", "F16"), ("bfloat16", "BF16"), ("int32", "I32"),
     ("uint32", "U32"), ("float32", "F32"), ("complex64", "C64"), ("float64", "F64"), ("int64", "I64"),
     ("uint64", "U64")]
+
+
+def safetensors_dtype(dtype: Any) -> str:
+    """safetensors' name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+    return dict(_ST_DTYPES)[str(dtype).removeprefix("torch.")]
+
+
+def torch_dtype_name(safetensors_name: str) -> str | None:
+    """The torch dtype name of a safetensors dtype name (``"BF16"`` -> ``"bfloat16"``), None if unknown."""
+    return {st: name for name, st in _ST_DTYPES}.get(safetensors_name)
 
 
 def _safetensors_header(tensors: Mapping[str, Any], meta: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
@@ -127,7 +139,7 @@ def save_tensors(path: Path | str, tensors: Mapping[str, Any], meta: Mapping[str
         raise RuntimeError("save_tensors writes the host's bytes as they are; this host is big-endian")
     tensors = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()}
     header, order = _safetensors_header(tensors, meta)
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         f.write(header)
         for key in order:
             v = tensors[key]
