@@ -8,16 +8,16 @@ Scripts never walk attribute chains such as ``model.model.language_model.layers`
   directory, or ``"toy"`` (the embedded default in ``data/toy/model``); :func:`check_model` --
   its cheap checks alone (config readable, a supported type, no custom code, weights present),
   for scripts to call before heavy work.
-
-Code shipped with a model is never run: every transformers loader gets ``trust_remote_code=False``
-and a model whose configs ask for custom classes (``auto_map``) is refused up front, so
-transformers never gets to ask on stdin. Weights are read from safetensors only (never unpickled).
 - :func:`layer_names` -- dotted names of the text decoder blocks, found by structure
   (the ``ModuleList`` of length ``num_hidden_layers`` next to the token embedding).
 - :func:`residual_site` -- where to read or edit the residual stream at ``layer``.
 - :func:`image_token_mask` -- which positions of ``input_ids`` hold image features.
 - :func:`format_prompt` -- a question in the model's prompt format.
 - :func:`vlm_inputs` -- model inputs for (image, prompt) rows, each distinct pair encoded once.
+
+Code shipped with a model is never run: every transformers loader gets ``trust_remote_code=False``
+and a model whose configs ask for custom classes (``auto_map``) is refused up front, so
+transformers never gets to ask on stdin. Weights are read from safetensors only (never unpickled).
 
 The ``layer`` convention, everywhere in the project: ``layer`` is the 0-based index of the
 decoder block whose **input** is read or edited, i.e. the residual stream after ``layer``
