@@ -164,6 +164,11 @@ def write_activation_shard(cache: Path, shard: int, acts_NLD: Any, labels_N: Any
                         {"paths": json.dumps(paths), "skipped": json.dumps(skipped)})
 
 
+def _shard_skips(f: Any, path: Path, what: str) -> dict[str, Any]:
+    """The skip counts a cache shard keeps in its header metadata (``SkipCounter.to_dict()``)."""
+    return check_shape(tensors_metadata(f, path, what, "skipped"), "object", f"{what} {path}: 'skipped'")
+
+
 def summarise_activation_shards(cache: Path, n_shards: int) -> dict[str, Any]:
     """Image count, d_model, shard names and the summed skips, from the shards' headers (cheap)."""
     from lineofsight.data import SkipCounter
@@ -173,8 +178,7 @@ def summarise_activation_shards(cache: Path, n_shards: int) -> dict[str, Any]:
     for shard in range(n_shards):
         path = shard_path(cache, shard)
         with open_tensors(path, _ACTS_SHARD) as f:
-            skips.merge(check_shape(tensors_metadata(f, path, _ACTS_SHARD, "skipped"), "object",
-                                    f"{_ACTS_SHARD} {path}: 'skipped'"))
+            skips.merge(_shard_skips(f, path, _ACTS_SHARD))
             shape = f.get_slice("acts").get_shape()
         if len(shape) != 3:
             raise UserError(f"{_ACTS_SHARD} {path}: 'acts' has shape {shape}, expected [images, layers, d_model]")
@@ -384,8 +388,7 @@ def summarise_token_shards(cache: Path, n_shards: int) -> dict[str, Any]:
     for shard in range(n_shards):
         path = shard_path(cache, shard)
         with open_tensors(path, _TOKEN_SHARD) as f:
-            skips.merge(check_shape(tensors_metadata(f, path, _TOKEN_SHARD, "skipped"), "object",
-                                    f"{_TOKEN_SHARD} {path}: 'skipped'"))
+            skips.merge(_shard_skips(f, path, _TOKEN_SHARD))
             token_type = f.get_tensor("token_type").long()
             shape = f.get_slice("acts").get_shape()
         bad_codes = token_type.numel() > 0 and int(token_type.max()) >= len(TOKEN_TYPES)

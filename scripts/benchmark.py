@@ -447,6 +447,33 @@ def _harvest_and_limit(model: Any, harvester: Any, captions: list[str], images: 
     return harvest, limit
 
 
+def _sae_step_row(cfg: Config, name: str, activation: str, x: Any, d_sae: int, k: int, repeats: int
+                  ) -> tuple[Row, Callable[[], None]]:
+    """Our SAE train step (loss, backward, Adam, decoder renorm) on ``x`` against the dense reference
+    at the same sizes, and the step itself (for the peer rows)."""
+    import torch
+
+    from lineofsight.sae import SAEConfig, SparseAutoencoder
+
+    sae = SparseAutoencoder(SAEConfig(d_in=x.shape[1], d_sae=d_sae, activation=activation, k=k)).to(cfg.device)
+    opt = torch.optim.Adam(sae.parameters())
+    dead = None if activation == "relu" else torch.zeros(d_sae, dtype=torch.bool, device=cfg.device)
+
+    def ours() -> None:
+        out = sae.loss(x, dead_mask=dead)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        sae.optimizer_step(opt)
+
+    dense = _dense_sae_step(sae)
+    t_ref, t_ours = time_pair(lambda: dense(x), ours, repeats)
+    if activation == "relu":
+        # Half the latents fire at initialisation, so the dense product is the right kernel and the
+        # row checks parity: no overhead beyond noise, like the other parity rows.
+        return Row(name, "dense ref", t_ref, t_ours, "<= 1.05 (parity)", t_ours / t_ref <= 1.05), ours
+    return Row(name, "dense ref", t_ref, t_ours, "<= 0.83 (1.2x)", t_ref / t_ours >= 1.2), ours
+
+
 def sae_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     """SAE issue: train-step speed against a dense reference (and sparsify / SAELens when
     installed), and online harvesting against the truncated forward and the seed's scheme."""
@@ -455,32 +482,15 @@ def sae_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     from lineofsight.harvest import Harvester
     from lineofsight.hooks import Trace
     from lineofsight.models import check_layer, image_token_mask
-    from lineofsight.sae import SAEConfig, SparseAutoencoder
 
     rows = []
     d_in, d_sae, k, n_tok = 1024, 8192, 32, 4096
     x = torch.randn(n_tok, d_in, generator=torch.Generator().manual_seed(0)).to(cfg.device)
     repeats = max(3, cfg.repeats // 5)  # one step is seconds on a few CPU cores
     for activation in ("relu", "topk", "batchtopk"):
-        sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation, k=k)).to(cfg.device)
-        opt = torch.optim.Adam(sae.parameters())
-        dead = None if activation == "relu" else torch.zeros(d_sae, dtype=torch.bool, device=cfg.device)
-
-        def ours(sae: Any = sae, opt: Any = opt, dead: Any = dead) -> None:
-            out = sae.loss(x, dead_mask=dead)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            sae.optimizer_step(opt)
-
-        dense = _dense_sae_step(sae)
-        t_ref, t_ours = time_pair(lambda dense=dense: dense(x), ours, repeats)
         name = f"SAE step {activation}, {n_tok} tok, {d_in}->{d_sae}"
-        if activation == "relu":
-            # Half the latents fire at initialisation, so the dense product is the right kernel and
-            # the row checks parity: no overhead beyond noise, like the other parity rows.
-            rows.append(Row(name, "dense ref", t_ref, t_ours, "<= 1.05 (parity)", t_ours / t_ref <= 1.05))
-        else:
-            rows.append(Row(name, "dense ref", t_ref, t_ours, "<= 0.83 (1.2x)", t_ref / t_ours >= 1.2))
+        row, ours = _sae_step_row(cfg, name, activation, x, d_sae, k, repeats)
+        rows.append(row)
         # The peers' goals (issue 13): TopK 1.2x sparsify and 3x SAELens, BatchTopK 3x SAELens, ReLU
         # at least SAELens' standard SAE.
         peers = [("sparsify", _sparsify_step, 1.2)] if activation == "topk" else []
@@ -498,7 +508,7 @@ def sae_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
                 rows.append(Row(name, label, 0.0, 0.0, goal, False, failed=reason[:120]))
                 continue
             rows.append(Row(name, label, t_other, t_ours2, goal, t_other / t_ours2 >= speedup))
-        del sae, opt, dense
+        del ours
 
     rows.append(_buffer_row(cfg, repeats))
     layer = check_layer(model, 2)
@@ -676,7 +686,6 @@ def realwidth_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     import torch
 
     from lineofsight.harvest import Harvester
-    from lineofsight.sae import SAEConfig, SparseAutoencoder
     from lineofsight.stand_in import real_width_llava_next
 
     del model, processor  # the toy is not used here
@@ -702,27 +711,13 @@ def realwidth_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     n_tok = 4096 if on_gpu else 256
     x = torch.randn(n_tok, d_in, generator=torch.Generator().manual_seed(0)).to(cfg.device)
     for activation in ("relu", "topk"):
-        sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation, k=32)).to(cfg.device)
-        opt = torch.optim.Adam(sae.parameters())
-        dead = None if activation == "relu" else torch.zeros(d_sae, dtype=torch.bool, device=cfg.device)
-
-        def ours(sae: Any = sae, opt: Any = opt, dead: Any = dead) -> None:
-            out = sae.loss(x, dead_mask=dead)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            sae.optimizer_step(opt)
-
-        dense = _dense_sae_step(sae)
-        t_ref, t_ours = time_pair(lambda dense=dense: dense(x), ours, repeats)
         name = f"real width: SAE step {activation}, {n_tok} tok"
-        if activation == "relu":
-            rows.append(Row(name, "dense ref", t_ref, t_ours, "<= 1.05 (parity)", t_ours / t_ref <= 1.05))
-        else:
-            rows.append(Row(name, "dense ref", t_ref, t_ours, "<= 0.83 (1.2x)", t_ref / t_ours >= 1.2))
+        row, ours = _sae_step_row(cfg, name, activation, x, d_sae, 32, repeats)
+        rows.append(row)
         flops = 6 * n_tok * d_in * d_sae * 2  # encoder + decoder, forward + backward
-        print(f"  {name}: {n_tok / t_ours:,.0f} tokens/s, {flops / t_ours / 1e12:.2f} TFLOP/s", flush=True)
+        print(f"  {name}: {n_tok / row.t_cand:,.0f} tokens/s, {flops / row.t_cand / 1e12:.2f} TFLOP/s", flush=True)
         peaks[f"SAE {activation} + Adam"] = _peak_rss_gb()
-        del sae, opt, dense
+        del ours
     print("  peak RSS after each stage (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()), flush=True)
     return rows
 
