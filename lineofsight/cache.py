@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -466,25 +467,45 @@ def read_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]
 
 
 class TokenRows:
-    """The tokens of ``types`` at one layer of a token cache, read from the shard files row by row on demand.
+    """The tokens of ``types`` at one or several layers of a token cache, read from the shard files row by row on demand.
 
     Row ``i`` is the i-th kept token in shard order (exactly :func:`read_token_cache`'s row ``i``).
-    ``rows[idx]`` (``idx`` a LongTensor) reads just those rows, ``[len(idx), d_model]`` in the cache's
-    dtype, with one positioned read (``os.preadv``) per row straight into the result: nothing is
-    mapped, so neither the heap nor the resident set grows with the cache (the OS page cache does the
-    caching). In memory stay, per token, its type (1 byte) and, when ``types`` drops some tokens, the
-    kept token's row within its shard (4 bytes); per shard, its path and where its activations start.
+    ``rows[idx]`` (``idx`` a LongTensor) reads just those rows in the cache's dtype: ``[len(idx), d_model]``
+    when ``layer`` is one layer (or None: the cache's first), ``[len(idx), len(layer), d_model]`` when it is a
+    list. A token's layers lie side by side in its shard, so each row takes one positioned read
+    (``os.preadv``) per run of adjacent layers, straight into the result: nothing is mapped, so neither
+    the heap nor the resident set grows with the cache (the OS page cache does the caching). In memory
+    stay, per token, its type (1 byte) and, when ``types`` drops some tokens, the kept token's row within
+    its shard (4 bytes); per shard, its path and where its activations start.
     """
 
-    def __init__(self, path: Path | str, layer: int | None, types: tuple[str, ...]) -> None:
+    def __init__(self, path: Path | str, layer: int | None | Sequence[int], types: tuple[str, ...]) -> None:
         import torch
 
-        cache, meta_path, meta, layer, codes = _token_cache_meta(path, layer, types)
-        self.cache, self.meta, self.layer = cache, meta, layer
-        n_layers, col = len(meta["layers"]), meta["layers"].index(layer)
+        several = isinstance(layer, Sequence)
+        wanted = list(layer) if several else [layer]
+        if several and not wanted:
+            raise UserError("no layers requested from the token cache")
+        checked = [_token_cache_meta(path, one, types) for one in wanted]
+        cache, meta_path, meta, _, codes = checked[0]
+        self.cache, self.meta = cache, meta
+        self.layers = [c[3] for c in checked]
+        """The layers read, in the order of a row's second axis."""
+        self.layer = self.layers[0]
+        self._several = several
+        n_layers = len(meta["layers"])
+        cols = [meta["layers"].index(one) for one in self.layers]
+        # Runs of requested layers that are adjacent in the shard: (first position in the row, first column, count).
+        self._runs: list[tuple[int, int, int]] = []
+        for pos, col in enumerate(cols):
+            if self._runs and self._runs[-1][1] + self._runs[-1][2] == col:
+                first, start, n = self._runs[-1]
+                self._runs[-1] = (first, start, n + 1)
+            else:
+                self._runs.append((pos, col, 1))
         self.paths: list[Path] = []
         self.kept: list[Any] = []  # per shard: int32 rows of the kept tokens, or None (all kept)
-        self.base: list[int] = []  # per shard: the byte offset of layer ``layer`` of row 0
+        self.base: list[int] = []  # per shard: the byte offset of row 0's activations
         kinds, starts, widths, dtypes = [], [0], set(), set()
         for name in meta["shards"]:
             shard = _shard_file(cache, name, meta_path)
@@ -517,8 +538,8 @@ class TokenRows:
             raise UserError(f"the shards of {cache} hold activations of dtype {dtype}, not floating point")
         self.dtype = getattr(torch, dtype)
         self.row_bytes = self.d_model * torch.empty(0, dtype=self.dtype).element_size()
+        """Bytes of one token at one layer."""
         self.stride = n_layers * self.row_bytes
-        self.base = [b + col * self.row_bytes for b in self.base]
         self.starts = torch.tensor(starts)
 
     def __len__(self) -> int:
@@ -528,30 +549,38 @@ class TokenRows:
         import torch
 
         idx = torch.as_tensor(idx, dtype=torch.long).flatten()
-        out = torch.empty(len(idx), self.d_model, dtype=self.dtype)
-        if not len(idx):
-            return out
-        if int(idx.min()) < 0 or int(idx.max()) >= len(self):
-            raise IndexError(f"token rows {int(idx.min())}..{int(idx.max())} out of range for {len(self)}")
-        buf = out.view(torch.uint8).numpy()  # [n, row_bytes], written in place
+        n_read = len(self.layers)
+        out = torch.empty(len(idx), n_read, self.d_model, dtype=self.dtype)
+        if len(idx):
+            if int(idx.min()) < 0 or int(idx.max()) >= len(self):
+                raise IndexError(f"token rows {int(idx.min())}..{int(idx.max())} out of range for {len(self)}")
+            self._read(idx, out.view(torch.uint8).view(len(idx), n_read * self.row_bytes).numpy())
+        return out if self._several else out[:, 0]
+
+    def _read(self, idx: Any, buf: Any) -> None:
+        """Rows ``idx`` into ``buf [len(idx), n_layers_read x row_bytes]`` (uint8, written in place)."""
+        import torch
+
         shard_of = torch.searchsorted(self.starts, idx, right=True) - 1
         local = idx - self.starts[shard_of]
+        rb = self.row_bytes
         for s in shard_of.unique().tolist():
             where = (shard_of == s).nonzero().flatten()
             rows = local[where] if self.kept[s] is None else self.kept[s][local[where]].long()
             fd = os.open(self.paths[s], os.O_RDONLY)
             try:
                 for j, offset in zip(where.tolist(), (self.base[s] + rows * self.stride).tolist(), strict=True):
-                    if os.preadv(fd, [buf[j]], offset) != self.row_bytes:
-                        raise UserError(f"{_TOKEN_SHARD} {self.paths[s]} is truncated")
+                    for first, col, n in self._runs:
+                        part = buf[j, first * rb : (first + n) * rb]
+                        if os.preadv(fd, [part], offset + col * rb) != n * rb:
+                            raise UserError(f"{_TOKEN_SHARD} {self.paths[s]} is truncated")
             finally:
                 os.close(fd)
-        return out
 
 
-def open_token_cache(path: Path | str, layer: int | None, types: tuple[str, ...]) -> TokenRows:
-    """The tokens of ``types`` at ``layer`` of a complete token cache, read lazily (:class:`TokenRows`);
-    the same checks and errors as :func:`read_token_cache`."""
+def open_token_cache(path: Path | str, layer: int | None | Sequence[int], types: tuple[str, ...]) -> TokenRows:
+    """The tokens of ``types`` at ``layer`` (one layer, None for the cache's first, or a list) of a complete token
+    cache, read lazily (:class:`TokenRows`); the same checks and errors as :func:`read_token_cache`."""
     return TokenRows(path, layer, types)
 
 

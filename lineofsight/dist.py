@@ -283,3 +283,25 @@ def all_gather_object(obj: Any) -> list[Any]:
     with guard("an all-gather"):
         torch_dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (same shape on each) concatenated along dim 0 in rank order
+    (``tensor`` itself in a single process)."""
+    if not _active():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    with guard("an all-gather"):
+        torch_dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def gather(tensor: torch.Tensor, dst: int) -> torch.Tensor | None:
+    """On rank ``dst``: every rank's ``tensor`` (same shape on each) concatenated along dim 0 in rank
+    order; None on the other ranks (``tensor`` itself in a single process)."""
+    if not _active():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())] if rank() == dst else None
+    with guard(f"a gather to rank {dst}"):
+        torch_dist.gather(tensor.contiguous(), parts, dst=dst)
+    return torch.cat(parts) if parts is not None else None

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ from torch.nn import functional as F
 from lineofsight.cli import UserError
 from lineofsight.io import save_tensors, write_json
 
-__all__ = ["ACTIVATIONS", "SAEConfig", "SAEError", "SparseAutoencoder", "check_sae_fits", "fvu", "load_sae"]
+__all__ = ["ACTIVATIONS", "SAEConfig", "SAEError", "SparseAutoencoder", "check_sae_fits", "fvu", "load_sae", "load_saes",
+           "run_saes"]
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
 WEIGHTS_FILE = "sae.safetensors"
@@ -233,6 +235,21 @@ class _EncoderAt(torch.autograd.Function):
             grad_xs = (_csr(rows, cols, g, n, d_sae) if sparse else dense_g) @ W.t()
         grads = (grad_xs, -(W @ g_lat) if need_b_dec else None, grad_W_enc, g_lat if need_b_enc else None)
         return (*(None if gr is None else gr.to(dt) for gr, dt in zip(grads, ctx.dtypes)), None, None, None, None)
+
+
+@torch.no_grad()
+def act_scale_of(x: torch.Tensor) -> float:
+    """The activation scale that maps the mean norm of ``x [N, d_in]`` to ``sqrt(d_in)``."""
+    mean_norm = float(x.float().norm(dim=-1).mean())
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise SAEError(f"cannot estimate the activation scale: mean norm {mean_norm}")
+    return math.sqrt(x.shape[-1]) / mean_norm
+
+
+@torch.no_grad()
+def scaled_mean(x: torch.Tensor, act_scale: float) -> torch.Tensor:
+    """``[d_in]`` float32: the mean of ``x [N, d_in]`` in the SAE's scaled space (the data-dependent ``b_dec``)."""
+    return (x.float() * act_scale).mean(0)
 
 
 def _csr(major: torch.Tensor, minor: torch.Tensor, values: torch.Tensor, n_major: int, n_minor: int) -> torch.Tensor:
@@ -446,16 +463,13 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def set_scale_from(self, x: torch.Tensor) -> float:
         """Set ``act_scale`` so that the mean norm of ``x [N, d_in]`` maps to ``sqrt(d_in)``."""
-        mean_norm = float(x.float().norm(dim=-1).mean())
-        if not math.isfinite(mean_norm) or mean_norm <= 0:
-            raise SAEError(f"cannot estimate the activation scale: mean norm {mean_norm}")
-        self.cfg.act_scale = math.sqrt(self.cfg.d_in) / mean_norm
+        self.cfg.act_scale = act_scale_of(x)
         return self.cfg.act_scale
 
     @torch.no_grad()
     def init_b_dec(self, x: torch.Tensor) -> None:
         """Set ``b_dec`` to the (scaled) mean of ``x [N, d_in]``: the data-dependent start."""
-        self.b_dec.copy_((x.float() * self.cfg.act_scale).mean(0).to(self.b_dec.dtype))
+        self.b_dec.copy_(scaled_mean(x, self.cfg.act_scale).to(self.b_dec.dtype))
 
     # ---- files ---------------------------------------------------------------------------------
 
@@ -573,13 +587,40 @@ def check_sae_fits(sae: Any, model: Any, model_source: str, layer: int | None) -
     return check_layer(model, layer)
 
 
+SAES_DIR = "saes"
+"""A trainer run keeps its SAEs in ``<run>/saes/<name>/`` (one per layer and configuration)."""
+
+
+def run_saes(run: Path | str) -> list[Path]:
+    """The SAE folders of a trainer run (``<run>/saes/*/`` with a ``cfg.json``), sorted by name."""
+    root = Path(run) / SAES_DIR
+    return sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()) if root.is_dir() else []
+
+
 def load_sae(path: Path, device: Any) -> Any:
-    """An SAE folder, or a trainer run folder holding ``sae/``; one-line errors for anything else."""
+    """An SAE folder, or a trainer run folder holding exactly one SAE in ``saes/`` (or, from older runs,
+    ``sae/``); one-line errors for anything else, naming the SAEs of a run that holds several."""
     path = Path(path)
-    if (path / "sae" / "cfg.json").is_file():
+    found = run_saes(path)
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise UserError(f"--sae: the run {path} holds {len(found)} SAEs ({names}); pass one of them, "
+                        f"e.g. {found[0]}")
+    if found:
+        path = found[0]
+    elif (path / "sae" / CONFIG_FILE).is_file():
         path = path / "sae"
     try:
         return SparseAutoencoder.load(path, device=device).eval()
     except SAEError as err:
         raise UserError(f"--sae: {err}") from None
 
+
+def load_saes(paths: Sequence[Path], device: Any) -> list[Any]:
+    """Every SAE named by ``paths``: SAE folders, and trainer runs, each standing for all the SAEs in its
+    ``saes/`` (a five-layer run gives five); the same one-line errors as :func:`load_sae`."""
+    out = []
+    for path in paths:
+        found = run_saes(path)
+        out += [load_sae(p, device) for p in found] if found else [load_sae(path, device)]
+    return out

@@ -1,47 +1,58 @@
-"""Train a sparse autoencoder on a VLM's residual stream over captioned images, with torch DDP.
+"""Train sparse autoencoders on a VLM's residual stream over captioned images, with torch DDP.
+
+**Several SAEs from one harvest.** ``--layer 8 12 16 20 24`` with lists of ``--expansion``, ``--k`` or
+``--l1-coefficient`` trains one SAE per (layer, configuration), each in ``<out>/saes/<name>/`` (``L8``, or
+``L8-x16-k64`` when a flag lists several values) with its own Adam and dead-latent counts, all fed by one
+forward that stops after the deepest layer. Every SAE sees the same batches, so each equals the SAE a run of
+its own would train. Under torchrun every rank holds every SAE under DDP, or with ``--distribute-saes`` each
+rank trains a share of them (largest first, to the least-loaded rank) on the global batch: the tokens every
+rank harvests at a layer are gathered on the ranks training an SAE there (from a cache, each owner reads the
+global batch of its layers itself). Before anything is allocated, the memory this rank's SAEs need (weights,
+gradients and Adam, one step's activations, the shuffle buffer) is compared with what the device has free.
 
 Online mode (default): every rank loads the VLM, reads a disjoint share of the ShareGPT4V records
-(reshuffled every epoch), harvests the layer with an early stop (image tokens, caption tokens in
-context, caption tokens alone: ``lineofsight/harvest.py``), fills a shuffle buffer and trains
-the SAE wrapped in DDP. The shuffle buffer (``OnlineSource``) has a fixed size on the training device
-(``--buffer-dtype``, default the model's) and is refilled in place: a step moves one batch of rows,
-whatever the buffer's size. ``--activations <cache>`` (from ``sae/cache_activations.py``) trains
-from a token cache instead: each step's global batch is a slice of one seeded permutation of
-the cache, split between the ranks, so any number of ranks trains on exactly the same batches;
-each rank reads only its rows of each batch from the shard files (``lineofsight.cache.TokenRows``),
-so memory does not grow with the cache.
+(reshuffled every epoch), harvests the layers with an early stop (image tokens, caption tokens in
+context, caption tokens alone: ``lineofsight/harvest.py``) into a shuffle buffer and trains the SAEs.
+The shuffle buffer (``OnlineSource``) has a fixed size on the training device (``--buffer-dtype``,
+default the model's) and is refilled in place: a step moves one batch of rows, whatever the buffer's
+size. ``--activations <cache>`` (from ``sae/cache_activations.py``) trains from a token cache instead:
+each step's global batch is a slice of one seeded permutation of the cache, split between the ranks, so
+any number of ranks trains on exactly the same batches; each rank reads only its rows of each batch from
+the shard files (``lineofsight.cache.TokenRows``), so memory does not grow with the cache.
 
-Before the first step, rank 0 sets the activation scale (mean norm -> sqrt(d_in)) and ``b_dec``
-(the mean) from its buffer and broadcasts them. Schedules follow the paper: lambda warmed up over
-the first ``--l1-warmup-frac`` of the steps, the learning rate decayed linearly to 0 over the
-last ``--lr-decay-frac``. Every ``--checkpoint-every`` steps an atomic checkpoint holds the SAE,
-Adam state, step, dead-latent counters, every rank's data position, shuffle buffer and RNG
-state; ``--resume`` continues exactly where it stopped (kill -9 included).
+Before the first step each layer's activation scale (mean norm -> sqrt(d_in)) and ``b_dec`` (the mean)
+are set from rank 0's buffer (from a cache: the first rows of global batch 0) and broadcast. Schedules
+follow the paper: lambda warmed up over the first ``--l1-warmup-frac`` of the steps, the learning rate
+decayed linearly to 0 over the last ``--lr-decay-frac``. Every ``--checkpoint-every`` steps an atomic
+checkpoint holds each SAE's weights, Adam state and dead-latent counters (a file per SAE, written by the
+rank that trains it), the step, every rank's data position, shuffle buffer and RNG state; ``--resume``
+continues exactly where it stopped (kill -9 included).
 
-Divergence: every update is checked before it is kept. After each optimiser step one all-reduce
-brings the loss and a float64 sum of the SAE's weights from every rank; a non-finite loss or
-weight, or a loss above ``--diverge-factor`` times its early value (the mean loss of the first 10
-steps), stops the run with a one-line error naming the last good checkpoint, before anything more
-is written. A checkpoint (and the final SAE) is written only after the new weights pass the same
-test on the step's batch and the Adam state is finite, so no checkpoint ever holds a diverged or
-non-finite state, and ``--resume`` continues from the one named (``--diverge-factor`` may change
-on resume). Under torchrun a collective that waits longer than ``$LINEOFSIGHT_DIST_TIMEOUT_S``
-(default 1800 s) for a frozen or lost rank stops the run with a one-line error naming the rank
-(``lineofsight/dist.py``), and a worker whose launcher has died stops before its next step, so the
-last checkpoint stays intact.
+Divergence: every update is checked before it is kept. After the step of every SAE one all-reduce
+brings each SAE's loss and a float64 sum of its weights from every rank; a non-finite loss or weight,
+or a loss above ``--diverge-factor`` times its early value (the SAE's mean loss over the first 10
+steps), stops the run with a one-line error naming the SAE and the last good checkpoint, before
+anything more is written. A checkpoint (and the final SAEs) is written only after the new weights pass
+the same test on the step's batch and the Adam state is finite, so no checkpoint ever holds a diverged
+or non-finite state, and ``--resume`` continues from the one named (``--diverge-factor`` may change on
+resume). Under torchrun a collective that waits longer than ``$LINEOFSIGHT_DIST_TIMEOUT_S`` (default
+1800 s) for a frozen or lost rank stops the run with a one-line error naming the rank
+(``lineofsight/dist.py``), and a worker whose launcher has died stops before its next step, so the last
+checkpoint stays intact.
 
 The run folder ``--out`` follows ``lineofsight/run.py``: refused when it holds a run unless
 ``--resume`` or ``--overwrite`` (which removes the earlier run's outputs only after the inputs are
 validated), locked while the run lasts, and recorded in ``run.json`` (command, config, git SHA,
-versions, status). It ends with ``sae/`` (the SAE: ``sae.safetensors`` + ``cfg.json``),
-``metrics.json``, ``log.jsonl`` and ``checkpoints/``.
+versions, status). It ends with ``saes/<name>/`` (each SAE: ``sae.safetensors`` + ``cfg.json``),
+``metrics.json`` (per SAE), ``log.jsonl`` (a line per SAE and logged step) and ``checkpoints/``.
 
     python sae/sae-trainer.py --layer 2 --total-tokens 2000000 --out runs/sae      # toy, CPU
+    python sae/sae-trainer.py --layer 1 2 3 --expansion 4 8 --out runs/sae-6      # six SAEs, one harvest
     torchrun --nproc_per_node 2 sae/sae-trainer.py --layer 2 --out runs/sae-ddp     # gloo on CPU
     torchrun --nproc_per_node 8 sae/sae-trainer.py --model llava-hf/llava-v1.6-mistral-7b-hf \\
         --dtype bfloat16 --data /data/sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json \\
-        --image-root /data/sharegpt4v --layer 8 --expansion 8 --l1-coefficient 5 --lr 5e-5 \\
-        --batch-size 4096 --total-tokens 400000000 --out /scratch/sae-l8
+        --image-root /data/sharegpt4v --layer 8 12 16 20 24 --expansion 8 --l1-coefficient 5 --lr 5e-5 \\
+        --batch-size 4096 --total-tokens 400000000 --sae-autocast --out /scratch/sae-paper
 """
 
 from __future__ import annotations
@@ -60,7 +71,7 @@ from lineofsight.run import Run, lifecycle
 LOG_FILE = "log.jsonl"
 DIVERGE_EARLY_STEPS = 10
 """The loss's early value (what ``--diverge-factor`` multiplies) is its mean over this many first steps."""
-OUTPUTS = ("sae", "metrics.json", LOG_FILE, "checkpoints")
+OUTPUTS = ("saes", "metrics.json", LOG_FILE, "checkpoints")
 """What a run writes into --out (what --overwrite removes; run.json and the lock are the lifecycle's)."""
 
 
@@ -78,19 +89,25 @@ class Config:
     """Online mode: use only the first N records (hold out the rest for evaluation)."""
     activations: Path | None = None
     """Train from this token cache (sae/cache_activations.py) instead of harvesting online."""
-    layer: int | None = None
-    """Residual-stream layer: the input of decoder block L (hidden_states[L]). Default: 8 (the paper's) for a model
-    with at least 16 layers, else n_layers // 2; with --activations, the cache's first layer."""
+    layer: tuple[int, ...] = ()
+    """Residual-stream layers: the input of decoder block L (hidden_states[L]). One SAE per layer (and per
+    configuration), all fed by one harvest that stops after the deepest (``--layer 8 12 16 20 24``). Default: 8 (the
+    paper's) for a model with at least 16 layers, else n_layers // 2; with --activations, the cache's first layer."""
     types: tuple[str, ...] = ("image", "text_in_context", "text_only")
     """Token types to train on."""
     activation: Literal["relu", "topk", "batchtopk"] = "relu"
     """relu (April-update objective), topk or batchtopk."""
-    expansion: int = 8
-    """d_sae = expansion x d_model (the paper: 8)."""
-    k: int = 32
-    """Active latents per token (topk, batchtopk)."""
-    l1_coefficient: float = 5.0
-    """Sparsity coefficient lambda (relu; the paper: 5)."""
+    expansion: tuple[int, ...] = (8,)
+    """d_sae = expansion x d_model (the paper: 8). Several values train one SAE per value (and per layer)."""
+    k: tuple[int, ...] = (32,)
+    """Active latents per token (topk, batchtopk). Several values train one SAE per value."""
+    l1_coefficient: tuple[float, ...] = (5.0,)
+    """Sparsity coefficient lambda (relu; the paper: 5). Several values train one SAE per value."""
+    distribute_saes: bool = False
+    """Under torchrun: each rank trains a share of the SAEs (the largest first, each to the least-loaded rank), and
+    the tokens every rank harvests at a layer are sent to the ranks training an SAE on it, so each SAE steps once
+    per step on the global batch (fits many SAEs where one rank's memory cannot hold them all). Without it every
+    rank holds every SAE under DDP."""
     l1_warmup_frac: float = 0.05
     """Fraction of the steps over which lambda rises linearly from 0."""
     lr: float = 5e-5
@@ -150,20 +167,39 @@ class Config:
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
 
-        for name in ("expansion", "batch_size", "total_tokens", "buffer_batches", "records_per_forward", "k"):
+        for name in ("batch_size", "total_tokens", "buffer_batches", "records_per_forward"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("layer", "expansion", "k", "l1_coefficient"):
+            values, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if name != "layer" and not values:
+                raise UserError(f"{flag} needs at least one value")
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise UserError(f"{flag} lists {twice[0]:g} more than once")
+        if any(v < 0 for v in self.layer):
+            raise UserError(f"--layer {min(self.layer)} is out of range: layers are 0..n_layers")
+        for name in ("expansion", "k"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise UserError(f"--{name} must be positive")
+        if self.activation == "relu" and len(self.k) > 1:
+            raise UserError("--k lists several values, but --activation relu has no k (it takes --l1-coefficient)")
+        if self.activation != "relu" and len(self.l1_coefficient) > 1:
+            raise UserError(f"--l1-coefficient lists several values, but --activation {self.activation} has no "
+                            "lambda (it takes --k)")
         if self.limit is not None and self.limit < 1:
             raise UserError("--limit must be positive")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise UserError("--log-every must be positive and --checkpoint-every >= 0")
         # Non-finite numbers first, in the words of lineofsight.cli.check_finite (NaN fails every comparison).
         for name in ("lr", "l1_coefficient", "l1_warmup_frac", "lr_decay_frac", "diverge_factor", "step_delay"):
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: not a finite number")
+            given = getattr(self, name)
+            for value in given if isinstance(given, tuple) else (given,):
+                if not math.isfinite(value):
+                    raise UserError(f"--{name.replace('_', '-')} {value}: not a finite number")
         if self.lr <= 0:
             raise UserError("--lr must be positive")
-        if self.l1_coefficient < 0:
+        if any(v < 0 for v in self.l1_coefficient):
             raise UserError("--l1-coefficient must be >= 0")
         for name in ("l1_warmup_frac", "lr_decay_frac"):
             if not 0 <= getattr(self, name) <= 1:
@@ -177,10 +213,11 @@ class Config:
 
 
 # Fields that must agree between a run and its --resume (the rest may change, e.g. --log-every). The
-# layer is compared with the checkpoint's SAE instead: a default (None) resolves to a number.
+# layers are compared with the checkpoint's SAEs instead: a default (none given) resolves to a number.
 RESUME_KEYS = ("model", "data", "limit", "activations", "types", "activation", "expansion", "k", "l1_coefficient",
-               "l1_warmup_frac", "lr", "lr_decay_frac", "batch_size", "total_tokens", "buffer_batches",
-               "buffer_dtype", "records_per_forward", "max_caption_tokens", "dead_after_tokens", "aux_k", "seed")
+               "distribute_saes", "l1_warmup_frac", "lr", "lr_decay_frac", "batch_size", "total_tokens",
+               "buffer_batches", "buffer_dtype", "records_per_forward", "max_caption_tokens", "dead_after_tokens",
+               "aux_k", "seed")
 
 
 def lr_factor(step: int, n_steps: int, decay_frac: float) -> float:
@@ -205,9 +242,9 @@ def l1_factor(step: int, n_steps: int, warmup_frac: float) -> float:
 class OnlineSource:
     """Harvests this rank's records (every epoch a new seeded order) into a fixed-capacity shuffle buffer.
 
-    **The buffer** is ``acts [C, d_model]`` in ``--buffer-dtype`` and ``types [C]`` on the training
-    device, C = ``--buffer-batches`` x ``--batch-size``, allocated once and then only written in
-    place. It is filled by the first harvests; then each step draws B = ``--batch-size`` distinct
+    **The buffer** is ``acts [C, n_layers, d_model]`` (every ``--layer``, harvested by one forward) in
+    ``--buffer-dtype`` and ``types [C]`` on the training device, C = ``--buffer-batches`` x ``--batch-size``,
+    allocated once and then only written in place. It is filled by the first harvests; then each step draws B = ``--batch-size`` distinct
     slots uniformly at random (the first B of a seeded permutation of the C slots), copies their
     tokens out as the batch (float32), and overwrites exactly those B slots with the next harvested
     tokens, in harvest order. A harvest (``--records-per-forward`` records) that brings more tokens
@@ -239,13 +276,15 @@ class OnlineSource:
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
         self.dtype = getattr(torch, cfg.buffer_dtype or cfg.dtype)
         self.capacity = cfg.buffer_batches * cfg.batch_size
+        self.layers: list[int] = list(harvester.layers) if harvester is not None else []
+        """The layers of a row (the second axis of ``acts``)."""
         self.acts: Any = None
-        """``[C, d_model]`` in ``--buffer-dtype`` on the device; allocated at the first harvest (d_model known)."""
+        """``[C, n_layers, d_model]`` in ``--buffer-dtype`` on the device; allocated at the first harvest."""
         self.types = torch.zeros(self.capacity, dtype=torch.uint8, device=self.device)
         self.n_filled = 0
         """Slots filled so far (C once the first fill is done)."""
         self.stage_acts: Any = None
-        """``[S, d_model]``: the tokens of the last harvest not yet in the buffer (S <= one harvest)."""
+        """``[S, n_layers, d_model]``: the tokens of the last harvest not yet in the buffer (S <= one harvest)."""
         self.stage_types = torch.zeros(0, dtype=torch.uint8, device=self.device)
         self.image_root = cfg.image_root or cfg.data.parent
         self._order: list[int] | None = None
@@ -292,10 +331,10 @@ class OnlineSource:
                 images.append(image)
         if idx:
             got = self.harvester(captions, images, idx)
-            self.stage_acts = got.acts[:, 0].to(self.device, self.dtype)
+            self.stage_acts = got.acts.to(self.device, self.dtype)
             self.stage_types = got.token_type.to(self.device, torch.uint8)
             if self.acts is None:
-                self.acts = torch.zeros(self.capacity, self.stage_acts.shape[1], dtype=self.dtype, device=self.device)
+                self.acts = torch.zeros(self.capacity, *self.stage_acts.shape[1:], dtype=self.dtype, device=self.device)
         return chunk, unread
 
     def close(self) -> None:
@@ -353,18 +392,19 @@ class OnlineSource:
                          f"({skips.total} unreadable images{': ' + why if why else ''}); {where}")
 
     def next_batch(self, step: int) -> tuple[Any, Any]:
-        """``(x [B, d_model] float32, types [B])`` on the device; see the class docstring."""
+        """``(acts [B, n_layers, d_model] in --buffer-dtype, types [B])`` on the device; see the class docstring."""
         import torch
 
         self.fill()
         slots = torch.randperm(self.capacity, generator=self.gen)[: self.cfg.batch_size].to(self.device)
-        x, t = self.acts[slots].float(), self.types[slots]  # copies, taken before the slots are refilled
+        x, t = self.acts[slots], self.types[slots]  # copies, taken before the slots are refilled
         self._write(slots)
         return x, t
 
-    def peek(self, n: int) -> Any:
+    def peek(self, n: int, column: int) -> Any:
+        """``[n, d_model]`` float32: the first ``n`` buffered tokens at ``self.layers[column]`` (the first fill)."""
         self.fill()
-        return self.acts[:n].float()
+        return self.acts[:n, column].float()
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(tensors, JSON) of this rank's buffer, staging area, RNG and data position."""
@@ -377,8 +417,9 @@ class OnlineSource:
     def load_state(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
         from lineofsight.cli import UserError
 
-        if "stage_acts" not in tensors or len(tensors["buffer_types"]) != self.capacity:
-            raise UserError("--resume: the checkpoint holds a shuffle buffer of an older trainer (it grew and shrank); "
+        if ("stage_acts" not in tensors or len(tensors["buffer_types"]) != self.capacity
+                or tensors["buffer_acts"].dim() != 3):
+            raise UserError("--resume: the checkpoint holds a shuffle buffer of an older trainer; "
                             "start the run again with --overwrite")
         self.acts = tensors["buffer_acts"].to(self.device)
         if self.acts.dtype != self.dtype:
@@ -392,15 +433,18 @@ class OnlineSource:
 
 
 class CacheSource:
-    """The layer's tokens from a cache; global batch ``step`` is a fixed slice of one seeded permutation
-    per epoch, and rank r takes its r-th part. ``acts`` is a :class:`lineofsight.cache.TokenRows` (each
-    step reads just this rank's rows from the shard files) or an in-memory ``[N, d_model]`` tensor."""
+    """Tokens from a cache; global batch ``step`` is a fixed slice of one seeded permutation per epoch. ``acts`` is a
+    :class:`lineofsight.cache.TokenRows` of ``layers`` (each step reads just the rows it needs from the shard files)
+    or an in-memory ``[N, n_layers, d_model]`` tensor. Rank r takes the r-th part of each global batch, or with
+    ``whole`` (``--distribute-saes``: the SAEs on this rank step on the global batch) all of it, at only the
+    layers its SAEs read: no tokens travel between ranks."""
 
-    def __init__(self, cfg: Config, acts: Any, types: Any, rank: int, world: int, device: Any) -> None:
+    def __init__(self, cfg: Config, acts: Any, types: Any, layers: list[int], rank: int, world: int, device: Any,
+                 whole: bool = False) -> None:
         from lineofsight.data import SkipCounter
 
-        self.cfg, self.acts, self.types = cfg, acts, types
-        self.rank, self.world, self.device = rank, world, device
+        self.cfg, self.acts, self.types, self.layers = cfg, acts, types, layers
+        self.rank, self.world, self.device, self.whole = rank, world, device, whole
         self.global_batch = cfg.batch_size * world
         self.skips = SkipCounter()
         self._perm_epoch, self._perm = -1, None
@@ -420,15 +464,18 @@ class CacheSource:
         return torch.tensor(out)
 
     def next_batch(self, step: int) -> tuple[Any, Any]:
+        """``(acts [n, len(layers), d_model] in the cache's dtype, types [n])`` on the device: n = B, or the
+        global batch with ``whole``."""
+        idx = self._global_indices(step)
+        if not self.whole:
+            idx = idx[self.rank * self.cfg.batch_size : (self.rank + 1) * self.cfg.batch_size]
+        return self.acts[idx].to(self.device), self.types[idx].to(self.device)
+
+    def peek(self, n: int, column: int) -> Any:
+        """``[<= n, d_model]`` float32: the first tokens of global batch 0 at ``layers[column]``."""
         import torch
 
-        idx = self._global_indices(step)[self.rank * self.cfg.batch_size : (self.rank + 1) * self.cfg.batch_size]
-        return self.acts[idx].to(self.device, torch.float32), self.types[idx].to(self.device)
-
-    def peek(self, n: int) -> Any:
-        import torch
-
-        return self.acts[self._global_indices(0)[:n]].to(torch.float32)
+        return self.acts[self._global_indices(0)[:n]][:, column].to(torch.float32)
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         return {}, {}
@@ -441,14 +488,132 @@ class CacheSource:
 
 
 # ---------------------------------------------------------------------------------------------
+# The SAEs of a run: which (layer, configuration), on which rank, how much memory
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One SAE of the run."""
+
+    name: str
+    """Its folder under ``<out>/saes/``: ``L<layer>``, plus ``-x<expansion>``, ``-k<k>``, ``-l1_<lambda>`` for each
+    of those flags given several values."""
+    layer: int
+    expansion: int
+    k: int
+    l1_coefficient: float
+    d_sae: int
+    owner: int | None
+    """The rank that trains it (``--distribute-saes``), else None: every rank, under DDP."""
+
+    def here(self, rank: int) -> bool:
+        return self.owner is None or self.owner == rank
+
+    def reporter(self) -> int:
+        """The rank that writes its files and log lines."""
+        return 0 if self.owner is None else self.owner
+
+
+def plan_saes(cfg: Config, layers: list[int], d_in: int, world: int) -> list[Spec]:
+    """One :class:`Spec` per (layer, expansion, k, lambda), by layer, then in the order the values were given;
+    with ``--distribute-saes`` each is given to a rank, the largest first, each to the least-loaded rank."""
+    import itertools
+
+    from lineofsight.cli import UserError
+
+    specs = []
+    for layer, e, k, l1 in itertools.product(layers, cfg.expansion, cfg.k, cfg.l1_coefficient):
+        name = (f"L{layer}" + (f"-x{e}" if len(cfg.expansion) > 1 else "") + (f"-k{k}" if len(cfg.k) > 1 else "")
+                + (f"-l1_{l1:g}" if len(cfg.l1_coefficient) > 1 else ""))
+        if cfg.activation != "relu" and k > e * d_in:
+            raise UserError(f"--k {k} is more than the {e * d_in} latents of SAE {name} (--expansion {e} x the "
+                            f"width {d_in} of layer {layer})")
+        specs.append(Spec(name, layer, e, k, l1, e * d_in, None))
+    if not cfg.distribute_saes:
+        return specs
+    if world > len(specs):
+        raise UserError(f"--distribute-saes: {world} ranks for {len(specs)} SAE{'s' * (len(specs) > 1)}; each rank "
+                        f"trains at least one (use at most {len(specs)} ranks, or leave out --distribute-saes)")
+    load = [0] * world
+    owners = {}
+    for i in sorted(range(len(specs)), key=lambda i: (-specs[i].d_sae, i)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[i], load[rank] = rank, load[rank] + specs[i].d_sae
+    return [dataclasses.replace(spec, owner=owners[i]) for i, spec in enumerate(specs)]
+
+
+def memory_needed(cfg: Config, specs: list[Spec], d_in: int, n_layers: int, rank: int, world: int,
+                  online: bool) -> dict[str, int]:
+    """Bytes this rank needs beyond the model, by part: the SAEs' float32 weights, gradients and two Adam moments
+    (16 bytes a parameter; 20 under DDP, whose gradient buckets are a second copy), one per-rank batch of one
+    SAE at a time (pre-activations, latents and their gradients, and the batch itself), with --distribute-saes
+    the global batch of each layer trained here, and the online shuffle buffer with one batch taken out of it."""
+    import torch
+
+    mine = [s for s in specs if s.here(rank)]
+    ddp = world > 1 and not cfg.distribute_saes  # DDP keeps a bucket copy of the gradients
+    state = sum((20 if ddp else 16) * (2 * d_in * s.d_sae + s.d_sae + d_in) for s in mine)
+    step = max((4 * 4 * cfg.batch_size * (s.d_sae + d_in) for s in mine), default=0)  # one per-rank batch
+    need = {"SAE weights, gradients and Adam": state, "one batch's activations": step}
+    if cfg.distribute_saes:
+        need["gathered global batches"] = 4 * world * cfg.batch_size * d_in * len({s.layer for s in mine})
+    if online:
+        size = torch.empty(0, dtype=getattr(torch, cfg.buffer_dtype or cfg.dtype)).element_size()
+        need["shuffle buffer"] = (cfg.buffer_batches + 1) * cfg.batch_size * n_layers * d_in * size
+    return need
+
+
+def memory_free(device: Any) -> int | None:
+    """Bytes the run can still allocate on ``device``: free GPU memory, or the host's available memory."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(cfg: Config, specs: list[Spec], data: Data, run: Run) -> None:
+    """A one-line error, before anything is allocated, when this rank's SAEs cannot fit the memory it can see."""
+    from lineofsight.cli import UserError
+
+    info = run.info
+    need = memory_needed(cfg, specs, data.d_in, len(data.layers), info.rank, info.world_size,
+                         cfg.activations is None)
+    free = memory_free(info.device)
+    total = sum(need.values())
+    if free is None or total <= free:
+        return
+    n = sum(s.here(info.rank) for s in specs)
+    parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.items())
+    hint = ("leave out some --layer or configuration values, lower --batch-size or --buffer-batches, or use "
+            "--distribute-saes under torchrun (each rank takes a share)" if not cfg.distribute_saes else
+            "use more ranks, fewer SAEs, or a lower --batch-size")
+    raise UserError(f"the {n} SAE{'s' * (n > 1)} rank {info.rank} trains need about {total / 2**30:.1f} GiB ({parts}) "
+                    f"but {info.device} has {free / 2**30:.1f} GiB free; {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(out: Path, step: int, sae: Any, opt: Any, since_fired: Any, source: Any, extra: dict[str, Any],
-                    rank: int, world: int) -> None:
-    """``out/checkpoints/step-<N>/`` with one file per rank, then ``state.json`` (rank 0, last),
-    then ``out/checkpoints/latest`` pointing at it; older checkpoints are removed after that."""
+def sae_file(folder: Path, name: str) -> Path:
+    """The file of SAE ``name`` in checkpoint ``folder``: its weights, Adam state and dead-latent counts."""
+    return folder / f"sae-{name}.safetensors"
+
+
+def save_checkpoint(out: Path, tr: Training, source: Any, rank: int, world: int) -> None:
+    """``out/checkpoints/step-<N>/``: one file per rank (its data position, buffer and RNG), one per SAE (written
+    by the rank that trains it: weights, Adam state, dead-latent counts), then ``state.json`` (rank 0, last),
+    then ``out/checkpoints/latest`` pointing at it; older checkpoints are removed after that. Each file is
+    streamed to a temporary name and renamed (``lineofsight.io.save_tensors``): no second copy in memory."""
     import shutil
 
     import torch
@@ -456,26 +621,33 @@ def save_checkpoint(out: Path, step: int, sae: Any, opt: Any, since_fired: Any, 
     from lineofsight import dist
     from lineofsight.io import atomic_write_text, save_tensors, write_json
 
-    folder = out / "checkpoints" / f"step-{step:08d}"
+    folder = out / "checkpoints" / f"step-{tr.step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     data_tensors, data_meta = source.state()
     tensors = {f"data.{k}": v for k, v in data_tensors.items()}
     tensors["rng.torch"] = torch.get_rng_state()
     save_tensors(folder / f"rank{rank:03d}.safetensors", tensors, {"data": json.dumps(data_meta)})
-    dist.barrier()
-    if rank == 0:
-        state = {f"sae.{k}": v for k, v in sae.state_dict().items()}
-        state["since_fired"] = since_fired
-        opt_state = opt.state_dict()
+    described = {}
+    for unit in tr.units:
+        if unit.spec.reporter() != rank:
+            continue
+        state = {f"sae.{k}": v for k, v in unit.sae.state_dict().items()}
+        state["since_fired"] = unit.since_fired
+        opt_state = unit.opt.state_dict()
         for i, s in opt_state["state"].items():
             for name, value in s.items():
                 state[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        save_tensors(folder / "trainer.safetensors", state)
-        write_json(folder / "state.json", {
-            "step": step, "world_size": world, "sae_cfg": sae.cfg.to_json(),
-            "opt_param_groups": opt_state["param_groups"], "opt_keys": {str(i): list(s) for i, s in opt_state["state"].items()},
-            **extra,
-        })
+        save_tensors(sae_file(folder, unit.spec.name), state)
+        described[unit.spec.name] = {
+            "layer": unit.spec.layer, "sae_cfg": unit.sae.cfg.to_json(), "opt_param_groups": opt_state["param_groups"],
+            "opt_keys": {str(i): list(s) for i, s in opt_state["state"].items()},
+            "early_loss_sum": unit.early_loss_sum, "early_loss_n": unit.early_loss_n,
+        }
+    everyone = dist.all_gather_object(described)  # also the barrier: every file above is in place
+    if rank == 0:
+        saes = {name: d for part in everyone for name, d in part.items()}
+        write_json(folder / "state.json", {"step": tr.step, "world_size": world, "tokens_seen": tr.tokens_seen,
+                                           "saes": {s.name: saes[s.name] for s in tr.specs}})
         atomic_write_text(out / "checkpoints" / "latest", folder.name + "\n")
         for old in (out / "checkpoints").glob("step-*"):
             if old.name != folder.name:
@@ -492,31 +664,56 @@ def latest_checkpoint(out: Path) -> Path | None:
     return folder if (folder / "state.json").is_file() else None
 
 
-def load_checkpoint(folder: Path, sae: Any, opt: Any, source: Any, rank: int) -> tuple[dict[str, Any], Any]:
-    """Restore everything :func:`save_checkpoint` wrote; returns (state.json, since_fired)."""
+def read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``, checked; a damaged one (truncated by a full disk, edited by hand) or one
+    written by the one-SAE trainer of earlier versions is a one-line error naming the file."""
+    from lineofsight.cli import UserError
+    from lineofsight.io import read_json
+
+    path = folder / "state.json"
+    state = read_json(path, "checkpoint state", required={"step": "int", "world_size": "int"})
+    if not isinstance(state.get("saes"), dict):
+        raise UserError(f"--resume: checkpoint state {path} was written by an older trainer (one SAE per run, "
+                        "no 'saes'); start the run again with --overwrite")
+    for name, d in state["saes"].items():
+        if not isinstance(d, dict) or not {"layer", "sae_cfg", "opt_param_groups", "opt_keys"} <= set(d):
+            raise UserError(f"checkpoint state {path}: the entry of SAE {name!r} lacks layer, sae_cfg, "
+                            "opt_param_groups or opt_keys")
+    return state
+
+
+def load_checkpoint(folder: Path, tr: Training, source: Any, rank: int) -> dict[str, Any]:
+    """Restore everything :func:`save_checkpoint` wrote that this rank holds; returns ``state.json``."""
     import torch
 
-    from lineofsight.io import load_tensors, open_tensors, read_json, tensors_metadata
+    from lineofsight.cli import UserError
+    from lineofsight.io import load_tensors, open_tensors, tensors_metadata
     from lineofsight.sae import SAEConfig
 
-    # A damaged checkpoint (truncated by a full disk, edited by hand) is a one-line error naming the file.
-    state = read_json(folder / "state.json", "checkpoint state",
-                      required={"sae_cfg": "object", "opt_param_groups": "list", "opt_keys": "object"})
-    trainer = load_tensors(folder / "trainer.safetensors", "checkpoint", ["since_fired"])
-    sae.cfg.act_scale = SAEConfig.from_json(state["sae_cfg"]).act_scale
-    sae.cfg.threshold = state["sae_cfg"]["threshold"]
-    sae.load_state_dict({k[4:]: v for k, v in trainer.items() if k.startswith("sae.")})
-    opt_state = {"state": {}, "param_groups": state["opt_param_groups"]}
-    for i, keys in state["opt_keys"].items():
-        opt_state["state"][int(i)] = {name: trainer[f"opt.{i}.{name}"] for name in keys}
-    opt.load_state_dict(opt_state)
+    state = read_state(folder)
+    for unit in tr.units:
+        d = state["saes"][unit.spec.name]
+        trainer = load_tensors(sae_file(folder, unit.spec.name), "checkpoint", ["since_fired"])
+        try:
+            unit.sae.cfg.act_scale = SAEConfig.from_json(d["sae_cfg"]).act_scale
+        except (ValueError, TypeError) as err:
+            raise UserError(f"checkpoint state {folder / 'state.json'}: SAE {unit.spec.name}: {err}") from None
+        unit.sae.cfg.threshold = d["sae_cfg"].get("threshold")
+        unit.sae.load_state_dict({k[4:]: v for k, v in trainer.items() if k.startswith("sae.")})
+        opt_state = {"state": {}, "param_groups": d["opt_param_groups"]}
+        for i, keys in d["opt_keys"].items():
+            opt_state["state"][int(i)] = {name: trainer[f"opt.{i}.{name}"] for name in keys}
+        unit.opt.load_state_dict(opt_state)
+        unit.since_fired = trainer["since_fired"].to(unit.since_fired.device)
+        # checkpoints from before the divergence check have no reference: it is measured again from here
+        unit.early_loss_sum, unit.early_loss_n = d.get("early_loss_sum", 0.0), d.get("early_loss_n", 0)
     rank_file = folder / f"rank{rank:03d}.safetensors"
     with open_tensors(rank_file, "checkpoint") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         data_meta = tensors_metadata(f, rank_file, "checkpoint", "data")
     source.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("data.")}, data_meta)
     torch.set_rng_state(tensors["rng.torch"])
-    return state, trainer["since_fired"]
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,53 +753,62 @@ def batch_metrics(x: Any, x_hat: Any, latents: Any, types: Any, scale: float) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# The run, stage by stage: data, SAE (new or resumed), training loop, finish
+# The run, stage by stage: data, SAEs (new or resumed), training loop, finish
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Data:
-    """What the data stage hands on: this rank's token source and what the SAE reads."""
+    """What the data stage hands on: this rank's token source and what the SAEs read."""
 
     source: Any
     """:class:`OnlineSource` or :class:`CacheSource`."""
-    layer: int
-    """The residual-stream layer (input of decoder block ``layer``)."""
+    layers: list[int]
+    """The run's layers (inputs of decoder blocks ``layer``), ascending."""
     d_in: int
     """Width of the residual stream."""
     model: str
     """The model the tokens come from (resolved path or HF id)."""
-    hook_name: str = ""
-    """The module whose input is read (online mode; empty for a cache)."""
+    hook_names: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Per layer, the module whose input is read (online mode; none for a cache)."""
 
 
 @dataclasses.dataclass
-class Training:
-    """What a checkpoint saves and restores, and the length of the schedule."""
+class Unit:
+    """One SAE trained on this rank, with what a checkpoint saves for it."""
 
+    spec: Spec
     sae: Any
     opt: Any
     since_fired: Any
     """``[d_sae]`` tokens (all ranks) since each latent last fired."""
+    step_fn: Any = None
+    """Its training loss as a module (DDP-wrapped under torchrun without --distribute-saes)."""
+    early_loss_sum: float = 0.0
+    """Sum of the losses of the first :data:`DIVERGE_EARLY_STEPS` steps (so far): ``--diverge-factor``'s reference."""
+    early_loss_n: int = 0
+
+
+@dataclasses.dataclass
+class Training:
+    """The SAEs of the run and the length of the schedule."""
+
+    specs: list[Spec]
+    """Every SAE of the run."""
+    units: list[Unit]
+    """Those this rank trains (all of them, unless --distribute-saes)."""
     n_steps: int
     global_batch: int
     """Tokens per step over all ranks."""
     step: int = 0
     tokens_seen: int = 0
-    early_loss_sum: float = 0.0
-    """Sum of the losses of the first :data:`DIVERGE_EARLY_STEPS` steps (so far): ``--diverge-factor``'s reference."""
-    early_loss_n: int = 0
-    last: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The latest log line (rank 0)."""
-
-    def extra(self) -> dict[str, Any]:
-        """What ``state.json`` holds besides the step: the tokens seen and the divergence reference."""
-        return {"tokens_seen": self.tokens_seen, "early_loss_sum": self.early_loss_sum,
-                "early_loss_n": self.early_loss_n}
+    last: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Per SAE, its latest log line (rank 0)."""
 
 
 def load_data(cfg: Config, run: Run) -> Data:
-    """The token source of this rank: a token cache read row by row, or the VLM harvesting its records."""
+    """The token source of this rank: a token cache read row by row, or the VLM harvesting its records at every
+    layer with one forward that stops after the deepest."""
     from lineofsight.cli import UserError
     from lineofsight.toy import ensure_toy_world
 
@@ -610,9 +816,10 @@ def load_data(cfg: Config, run: Run) -> Data:
     if cfg.activations is not None:
         from lineofsight.cache import open_token_cache
 
-        rows = open_token_cache(cfg.activations, cfg.layer, cfg.types)  # read lazily, step by step
-        source = CacheSource(cfg, rows, rows.types, info.rank, info.world_size, info.device)
-        return Data(source, rows.layer, rows.d_model, rows.meta["key"]["model"])
+        layers = sorted(cfg.layer) if cfg.layer else [open_token_cache(cfg.activations, None, cfg.types).layer]
+        rows = open_token_cache(cfg.activations, layers, cfg.types)  # read lazily, step by step
+        return Data(CacheSource(cfg, rows, rows.types, layers, info.rank, info.world_size, info.device),
+                    layers, rows.d_model, rows.meta["key"]["model"])
 
     from lineofsight.data import read_sharegpt4v
     from lineofsight.harvest import Harvester
@@ -625,19 +832,34 @@ def load_data(cfg: Config, run: Run) -> Data:
     model_source = check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
     n = n_layers(model)
-    layer = cfg.layer if cfg.layer is not None else (8 if n >= 16 else n // 2)
-    check_layer(model, layer)
+    layers = sorted(cfg.layer) if cfg.layer else [8 if n >= 16 else n // 2]
+    for layer in layers:
+        check_layer(model, layer)
     import torch
 
-    harvester = Harvester(model, processor, [layer], max_caption_tokens=cfg.max_caption_tokens, types=cfg.types,
+    harvester = Harvester(model, processor, layers, max_caption_tokens=cfg.max_caption_tokens, types=cfg.types,
                           save_dtype=getattr(torch, cfg.buffer_dtype or cfg.dtype))
     harvester.check_boundary(records[0].caption)
     source = OnlineSource(cfg, harvester, records, info.rank, info.world_size, info.device)
-    return Data(source, layer, text_config(model).hidden_size, model_source, residual_site(model, layer))
+    return Data(source, layers, text_config(model).hidden_size, model_source,
+                {layer: residual_site(model, layer) for layer in layers})
 
 
-def check_resume(cfg: Config, run: Run, data: Data) -> None:
-    """``--resume`` of a run with a checkpoint: the same :data:`RESUME_KEYS`, layer and world size.
+def mine_only(cfg: Config, data: Data, specs: list[Spec], run: Run) -> None:
+    """With --distribute-saes and a cache, read only the layers this rank's SAEs need, and the whole global batch
+    of them (the SAEs here step on it): no tokens travel between ranks."""
+    from lineofsight.cache import open_token_cache
+
+    if not (cfg.distribute_saes and isinstance(data.source, CacheSource)):
+        return
+    mine = sorted({s.layer for s in specs if s.here(run.info.rank)})
+    rows = open_token_cache(cfg.activations, mine, cfg.types)
+    data.source = CacheSource(cfg, rows, rows.types, mine, run.info.rank, run.info.world_size, run.info.device,
+                              whole=True)
+
+
+def check_resume(cfg: Config, run: Run, specs: list[Spec]) -> None:
+    """``--resume`` of a run with a checkpoint: the same :data:`RESUME_KEYS`, SAEs and world size.
 
     Called before :meth:`Run.open`, which replaces ``run.json`` (where the earlier config is) with
     this session's record. Anything else (no run, another script's, no checkpoint) is left to
@@ -653,9 +875,9 @@ def check_resume(cfg: Config, run: Run, data: Data) -> None:
         return
     old, new = record.get("config") or {}, jsonable(cfg)
     changed = [k for k in RESUME_KEYS if old.get(k) != new.get(k)]
-    state = json.loads((ckpt / "state.json").read_text())
-    if state["sae_cfg"].get("layer") != data.layer:
-        changed.append("layer")
+    state = read_state(ckpt)
+    if {n: d["layer"] for n, d in state["saes"].items()} != {s.name: s.layer for s in specs}:
+        changed.append(f"layers (it trains {', '.join(state['saes'])})")
     if changed:
         raise UserError(f"--resume: the run in {out} was started with different {', '.join(changed)}")
     if state["world_size"] != run.info.world_size:
@@ -663,9 +885,10 @@ def check_resume(cfg: Config, run: Run, data: Data) -> None:
                         f"not {run.info.world_size}")
 
 
-def init_training(cfg: Config, run: Run, data: Data) -> Training:
-    """The SAE and Adam: restored from the latest checkpoint when resuming, else new with the
-    data-dependent init (scale and ``b_dec`` from rank 0's first tokens, broadcast)."""
+def init_training(cfg: Config, run: Run, data: Data, specs: list[Spec]) -> Training:
+    """This rank's SAEs, each with its own Adam: restored from the latest checkpoint when resuming, else new with
+    the data-dependent init (each layer's activation scale and ``b_dec`` from the first tokens of rank 0, or of
+    global batch 0 in a cache, broadcast)."""
     import torch
 
     from lineofsight import dist
@@ -673,51 +896,99 @@ def init_training(cfg: Config, run: Run, data: Data) -> Training:
 
     info = run.info
     global_batch = cfg.batch_size * info.world_size
-    sae_cfg = SAEConfig(d_in=data.d_in, d_sae=cfg.expansion * data.d_in, activation=cfg.activation, k=cfg.k,
-                        l1_coefficient=cfg.l1_coefficient, aux_k=cfg.aux_k, dead_after_tokens=cfg.dead_after_tokens,
-                        model=data.model, layer=data.layer, hook_name=data.hook_name, token_types=cfg.types)
-    sae = SparseAutoencoder(sae_cfg, seed=cfg.seed).to(info.device)
-    tr = Training(sae=sae, opt=torch.optim.Adam(sae.parameters(), lr=cfg.lr),
-                  since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=info.device),
-                  n_steps=max(1, cfg.total_tokens // global_batch), global_batch=global_batch)
+    units = []
+    for spec in specs:
+        if not spec.here(info.rank):
+            continue
+        sae_cfg = SAEConfig(d_in=data.d_in, d_sae=spec.d_sae, activation=cfg.activation, k=spec.k,
+                            l1_coefficient=spec.l1_coefficient, aux_k=cfg.aux_k,
+                            dead_after_tokens=cfg.dead_after_tokens, model=data.model, layer=spec.layer,
+                            hook_name=data.hook_names.get(spec.layer, ""), token_types=cfg.types)
+        sae = SparseAutoencoder(sae_cfg, seed=cfg.seed).to(info.device)
+        units.append(Unit(spec, sae, torch.optim.Adam(sae.parameters(), lr=cfg.lr),
+                          torch.zeros(spec.d_sae, dtype=torch.long, device=info.device)))
+    tr = Training(specs, units, n_steps=max(1, cfg.total_tokens // global_batch), global_batch=global_batch)
     ckpt = latest_checkpoint(run.out) if run.resumed else None
     if ckpt is not None:
-        state, since_fired = load_checkpoint(ckpt, sae, tr.opt, data.source, info.rank)
-        tr.step, tr.tokens_seen, tr.since_fired = state["step"], state["tokens_seen"], since_fired.to(info.device)
-        # checkpoints from before the divergence check have no reference: it is measured again from here
-        tr.early_loss_sum, tr.early_loss_n = state.get("early_loss_sum", 0.0), state.get("early_loss_n", 0)
+        state = load_checkpoint(ckpt, tr, data.source, info.rank)
+        tr.step, tr.tokens_seen = state["step"], state["tokens_seen"]
         dist.print0(f"resumed from {ckpt} at step {tr.step}/{tr.n_steps}")
     else:
         if cfg.resume:
             dist.print0(f"--resume: no checkpoint in {run.out}; starting from scratch")
-        if info.is_main:
-            sample = data.source.peek(cfg.batch_size * cfg.buffer_batches).to(info.device)
-            sae.set_scale_from(sample)
-            sae.init_b_dec(sample)
-        scale = dist.broadcast(torch.tensor([sae.cfg.act_scale], dtype=torch.float64, device=info.device))
-        sae.cfg.act_scale = float(scale[0])
-        for p in sae.parameters():
-            dist.broadcast(p.data)
+        n = cfg.batch_size * cfg.buffer_batches
+        source = data.source
+        if isinstance(source, CacheSource):  # every rank reads the same first rows of its layers
+            stats = {layer: _layer_stats(source.peek(n, c).to(info.device)) for c, layer in enumerate(source.layers)}
+        else:  # rank 0's buffer, broadcast
+            scales = torch.zeros(len(data.layers), dtype=torch.float64, device=info.device)
+            means = torch.zeros(len(data.layers), data.d_in, dtype=torch.float32, device=info.device)
+            if info.is_main:
+                for c in range(len(data.layers)):
+                    scale, mean = _layer_stats(source.peek(n, c).to(info.device))
+                    scales[c], means[c] = scale, mean
+            dist.broadcast(scales)
+            dist.broadcast(means)
+            stats = {layer: (float(scales[c]), means[c]) for c, layer in enumerate(data.layers)}
+        for unit in tr.units:
+            unit.sae.cfg.act_scale, mean = stats[unit.spec.layer]
+            with torch.no_grad():
+                unit.sae.b_dec.copy_(mean.to(unit.sae.b_dec.dtype))
     if run.resumed and run.is_main:
         tr.last = trim_log(run.out / LOG_FILE, tr.step)
     return tr
 
 
-def trim_log(path: Path, step: int) -> dict[str, Any]:
+def _layer_stats(x: Any) -> tuple[float, Any]:
+    """(activation scale, scaled mean) of ``x [N, d_in]``: the data-dependent init of an SAE on its layer."""
+    from lineofsight.sae import act_scale_of, scaled_mean
+
+    scale = act_scale_of(x)
+    return scale, scaled_mean(x, scale)
+
+
+def trim_log(path: Path, step: int) -> dict[str, dict[str, Any]]:
     """Drop the log lines of steps after ``step`` (written after the checkpoint a resume starts
-    from; they will be written again); returns the last line kept."""
+    from; they will be written again); returns the last line kept of each SAE."""
     from lineofsight.io import atomic_write_text
 
     if not path.is_file():
         return {}
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
-    return json.loads(kept[-1]) if kept else {}
+    return {line["sae"]: line for line in map(json.loads, kept) if "sae" in line}
+
+
+def route(cfg: Config, data: Data, tr: Training, step: int, rank: int) -> tuple[dict[int, Any], Any]:
+    """This step's tokens for the SAEs on this rank: ``({layer: x [n, d_in] float32}, types [n])``.
+
+    Under DDP (and in a single process) n is this rank's ``--batch-size``. With ``--distribute-saes`` n is the
+    global batch: a cache source reads it directly; online, every rank's batch at a layer is gathered (in rank
+    order) on each rank training an SAE on that layer, one layer and one receiving rank at a time, in the same
+    order everywhere, and the token types are gathered on every rank."""
+    import torch
+
+    from lineofsight import dist
+
+    acts, types = data.source.next_batch(step)
+    layers = data.source.layers
+    if not cfg.distribute_saes or isinstance(data.source, CacheSource):
+        needed = {u.spec.layer for u in tr.units}
+        return {layer: acts[:, c].to(torch.float32) for c, layer in enumerate(layers) if layer in needed}, types
+    types = dist.all_gather(types)
+    out = {}
+    for c, layer in enumerate(layers):
+        for owner in sorted({s.owner for s in tr.specs if s.layer == layer}):
+            got = dist.gather(acts[:, c], owner)
+            if got is not None:
+                out[layer] = got.to(torch.float32)
+    return out, types
 
 
 def train(cfg: Config, run: Run, data: Data, tr: Training) -> None:
-    """Steps ``tr.step`` .. ``tr.n_steps``: DDP step, schedules, dead-latent counts, log lines,
-    checkpoints. Every step first checks that this worker's torchrun launcher is alive."""
+    """Steps ``tr.step`` .. ``tr.n_steps``: for each SAE on this rank in turn its step (DDP under torchrun unless
+    --distribute-saes), schedules, dead-latent counts; one health check for all; log lines, checkpoints. Every
+    step first checks that this worker's torchrun launcher is alive."""
     import contextlib
 
     import torch
@@ -726,12 +997,15 @@ def train(cfg: Config, run: Run, data: Data, tr: Training) -> None:
     from lineofsight import dist
     from lineofsight.cli import UserError
 
-    info, sae, opt = run.info, tr.sae, tr.opt
-    trainer = _step_module(sae)
-    if info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    info = run.info
+    ddp = info.world_size > 1 and not cfg.distribute_saes
+    for unit in tr.units:
+        unit.step_fn = _step_module(unit.sae)
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel
 
-        trainer = DistributedDataParallel(trainer, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            unit.step_fn = DistributedDataParallel(
+                unit.step_fn, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.sae_autocast and info.device.type == "cuda"
                 else contextlib.nullcontext())
     wandb_run = None
@@ -740,67 +1014,77 @@ def train(cfg: Config, run: Run, data: Data, tr: Training) -> None:
 
         from lineofsight.run import jsonable
 
-        wandb_run = wandb.init(project=cfg.wandb, config={**jsonable(cfg), "layer": data.layer}, resume="allow")
-    bar = tqdm(total=tr.n_steps, initial=tr.step, desc=f"SAE L{data.layer} {cfg.activation}",
-               disable=not info.is_main, mininterval=2)
+        wandb_run = wandb.init(project=cfg.wandb, config={**jsonable(cfg), "layers": data.layers}, resume="allow")
+    what = tr.specs[0].name if len(tr.specs) == 1 else f"{len(tr.specs)} SAEs"
+    bar = tqdm(total=tr.n_steps, initial=tr.step, desc=f"SAE {what} {cfg.activation}", disable=not info.is_main,
+               mininterval=2)
+    index = {s.name: i for i, s in enumerate(tr.specs)}
     t_log, tok_log = time.perf_counter(), tr.tokens_seen
     try:
         while tr.step < tr.n_steps:
             run.check_alive()  # before any work: an orphaned worker writes nothing more
             step = tr.step
-            x, types = data.source.next_batch(step)
-            lam = cfg.l1_coefficient * l1_factor(step, tr.n_steps, cfg.l1_warmup_frac)
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, tr.n_steps, cfg.lr_decay_frac)
-            dead = tr.since_fired > cfg.dead_after_tokens
-            with autocast:
-                out = trainer(x, lam, dead if cfg.activation != "relu" else None)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            sae.optimizer_step(opt)
-            # The update is kept only if the loss it came from passes and the weights it made are finite, on
-            # every rank: one all-reduce of [loss, sum of the weights] (float64: finite whenever they are).
-            weights = _finite_sum(sae.parameters())
-            health = dist.all_reduce(torch.stack([out["loss"].detach().double(), weights]))
-            loss = float(health[0]) / info.world_size
-            problem = _diverged(cfg, tr, loss) or (None if math.isfinite(float(health[1]))
-                                                   else "the update made the SAE's weights non-finite")
-            if problem:
-                raise UserError(f"{problem} at step {step} (lr {cfg.lr:g}, lambda {lam:.3g}); "
-                                f"stopped without keeping the update. {_last_good(run.out)}")
-            if tr.early_loss_n < DIVERGE_EARLY_STEPS:
-                tr.early_loss_sum, tr.early_loss_n = tr.early_loss_sum + loss, tr.early_loss_n + 1
-            latents = out["latents"].detach()
-            if cfg.activation == "batchtopk":
-                sae.observe_threshold(latents)
-            fired = dist.all_reduce((latents > 0).any(0).float(), op="max") > 0
-            tr.since_fired += tr.global_batch
-            tr.since_fired[fired] = 0
+            xs, types = route(cfg, data, tr, step, info.rank)
+            lr = cfg.lr * lr_factor(step, tr.n_steps, cfg.lr_decay_frac)
+            warm = l1_factor(step, tr.n_steps, cfg.l1_warmup_frac)
+            logging = tr.step + 1 == tr.n_steps or (tr.step + 1) % cfg.log_every == 0
+            # per SAE, [loss, sum of the weights] (float64: finite whenever they are); zeros for SAEs elsewhere
+            health = torch.zeros(len(tr.specs), 2, dtype=torch.float64, device=info.device)
+            fired, losses, metrics = {}, torch.zeros(len(tr.specs), 3, device=info.device), {}
+            for unit in tr.units:
+                terms, fired[unit.spec.name], seen = _unit_step(cfg, unit, xs[unit.spec.layer], warm, lr, autocast)
+                i = index[unit.spec.name]
+                health[i, 0] = terms[0].double()
+                health[i, 1] = _finite_sum(unit.sae.parameters())
+                if logging:
+                    losses[i] = terms
+                    if unit.spec.reporter() == info.rank:  # the last per-rank batch, as a DDP rank sees it
+                        x, x_hat, latents = seen
+                        metrics[unit.spec.name] = batch_metrics(x, x_hat, latents, types[-len(x) :],
+                                                                unit.sae.cfg.act_scale)
+                del seen
+            # The updates are kept only if every SAE's loss passes and the weights it made are finite, on every
+            # rank: one all-reduce for all SAEs (under DDP the ranks' losses are averaged).
+            dist.all_reduce(health)
+            if ddp:
+                health[:, 0] /= info.world_size
+            for unit_spec, (loss, weights) in zip(tr.specs, health.tolist(), strict=True):
+                unit = next((u for u in tr.units if u.spec is unit_spec), None)
+                problem = _diverged(cfg, unit, loss) or (None if math.isfinite(weights)
+                                                         else "the update made the SAE's weights non-finite")
+                if problem:
+                    lam = unit_spec.l1_coefficient * warm
+                    raise UserError(f"SAE {unit_spec.name}: {problem} at step {step} (lr {cfg.lr:g}, lambda {lam:.3g}); "
+                                    f"stopped without keeping the update. {_last_good(run.out)}")
+                if unit is not None and unit.early_loss_n < DIVERGE_EARLY_STEPS:
+                    unit.early_loss_sum, unit.early_loss_n = unit.early_loss_sum + loss, unit.early_loss_n + 1
+            if ddp and tr.units:  # a latent is alive if it fired on any rank: one all-reduce for all SAEs
+                joined = dist.all_reduce(torch.cat([fired[u.spec.name].float() for u in tr.units]), op="max") > 0
+                fired = dict(zip([u.spec.name for u in tr.units],
+                                 joined.split([u.spec.d_sae for u in tr.units]), strict=True))
+            for unit in tr.units:
+                unit.since_fired += tr.global_batch
+                unit.since_fired[fired[unit.spec.name]] = 0
             tr.step += 1
             tr.tokens_seen += tr.global_batch
             bar.update(1)
 
-            if tr.step % cfg.log_every == 0 or tr.step == tr.n_steps:
+            if logging:
                 now = time.perf_counter()
                 tokens_per_s = (tr.tokens_seen - tok_log) / max(now - t_log, 1e-9)
-                tr.last = log_step(cfg, run, tr, x, types, out, latents, lam, tokens_per_s)
+                log_step(cfg, run, tr, losses, metrics, warm, tokens_per_s, ddp)
                 t_log, tok_log = now, tr.tokens_seen
                 if info.is_main:
-                    short = {"image": "img", "text_in_context": "ctx", "text_only": "txt"}
-                    by_type = {f"{k.split('/')[0]}_{short[k.split('/')[1]]}": f"{v:.3g}"
-                               for k, v in tr.last.items() if "/" in k}
-                    last = tr.last
-                    bar.set_postfix(loss=f"{last['loss']:.3g}", l0=f"{last['l0']:.1f}", fvu=f"{last['fvu']:.3f}",
-                                    dead=f"{last['dead_frac']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}", **by_type)
+                    _show(bar, tr)
                     if wandb_run is not None:
-                        wandb_run.log(tr.last, step=tr.step)
+                        wandb_run.log({f"{n}/{k}": v for n, line in tr.last.items() for k, v in line.items()
+                                       if isinstance(v, float)}, step=tr.step)
             if (cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0) or tr.step == tr.n_steps:
-                problem = check_before_writing(cfg, tr, x, lam, dead, autocast)
+                problem = check_before_writing(cfg, tr, xs, warm, autocast, ddp)
                 if problem:
-                    raise UserError(f"{problem} after the update of step {step} (lr {cfg.lr:g}, lambda {lam:.3g}); "
+                    raise UserError(f"{problem} after the update of step {step} (lr {cfg.lr:g}); "
                                     f"stopped without writing checkpoint step-{tr.step:08d}. {_last_good(run.out)}")
-                save_checkpoint(run.out, tr.step, sae, opt, tr.since_fired, data.source, tr.extra(),
-                                info.rank, info.world_size)
+                save_checkpoint(run.out, tr, data.source, info.rank, info.world_size)
             if cfg.step_delay:
                 time.sleep(cfg.step_delay)
     finally:  # also on an error: the bar's last redraw must not follow the error line
@@ -808,6 +1092,60 @@ def train(cfg: Config, run: Run, data: Data, tr: Training) -> None:
         data.source.close()
     if wandb_run is not None:
         wandb_run.finish()
+
+
+def _chunks(cfg: Config, x: Any) -> list[Any]:
+    """``x`` in per-rank batches of ``--batch-size`` rows: the global batch an SAE gets with --distribute-saes
+    is processed as the ranks' batches are under DDP (the same BatchTopK selection, one batch's activations in
+    memory at a time); otherwise ``[x]``."""
+    return list(x.split(cfg.batch_size)) if len(x) > cfg.batch_size else [x]
+
+
+def _unit_step(cfg: Config, unit: Unit, x: Any, warm: float, lr: float, autocast: Any
+               ) -> tuple[Any, Any, tuple[Any, Any, Any]]:
+    """One optimiser step of one SAE on ``x``, its gradient the mean over the per-rank batches of ``x`` (see
+    :func:`_chunks`). Returns the loss terms ``[loss, mse, aux]`` (means over the batches), which latents fired
+    on any token, and ``(x, x_hat, latents)`` of the last batch, for the log."""
+    import torch
+
+    for group in unit.opt.param_groups:
+        group["lr"] = lr
+    dead = unit.since_fired > cfg.dead_after_tokens if cfg.activation != "relu" else None
+    unit.opt.zero_grad(set_to_none=True)
+    parts = _chunks(cfg, x)
+    terms = torch.zeros(3, device=x.device)
+    fired = torch.zeros(unit.spec.d_sae, dtype=torch.bool, device=x.device)
+    for part in parts:
+        with autocast:
+            out = unit.step_fn(part, unit.spec.l1_coefficient * warm, dead)
+        (out["loss"] / len(parts) if len(parts) > 1 else out["loss"]).backward()
+        latents = out["latents"].detach()
+        if cfg.activation == "batchtopk":
+            unit.sae.observe_threshold(latents)
+        fired |= (latents > 0).any(0)
+        terms += torch.stack([out[k].detach().float() for k in ("loss", "mse", "aux")]) / len(parts)
+        seen = (part, out["x_hat"].detach(), latents)
+        del out
+    unit.sae.optimizer_step(unit.opt)
+    return terms, fired, seen
+
+
+def _show(bar: Any, tr: Training) -> None:
+    """The progress bar's postfix: one SAE's loss, L0, FVU (by token type), dead share and speed; with several,
+    each one's FVU and the largest dead share."""
+    if not tr.last:
+        return
+    if len(tr.specs) == 1:
+        last = next(iter(tr.last.values()))
+        short = {"image": "img", "text_in_context": "ctx", "text_only": "txt"}
+        by_type = {f"{k.split('/')[0]}_{short[k.split('/')[1]]}": f"{v:.3g}" for k, v in last.items() if "/" in k}
+        bar.set_postfix(loss=f"{last['loss']:.3g}", l0=f"{last['l0']:.1f}", fvu=f"{last['fvu']:.3f}",
+                        dead=f"{last['dead_frac']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}", **by_type)
+        return
+    fvus = {f"fvu_{n}": f"{line['fvu']:.3f}" for n, line in tr.last.items()}
+    worst = max(line["dead_frac"] for line in tr.last.values())
+    speed = next(iter(tr.last.values()))["tokens_per_s"]
+    bar.set_postfix(**fvus, dead_max=f"{worst:.2f}", tok_s=f"{speed:.0f}")
 
 
 def _finite_sum(tensors: Any) -> Any:
@@ -819,33 +1157,47 @@ def _finite_sum(tensors: Any) -> Any:
     return torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64)
 
 
-def _diverged(cfg: Config, tr: Training, loss: float) -> str | None:
-    """Why ``loss`` (mean over the ranks) means the run has diverged, or None."""
+def _diverged(cfg: Config, unit: Unit | None, loss: float) -> str | None:
+    """Why ``loss`` (an SAE's, mean over the ranks) means it has diverged, or None. The reference is kept by the
+    ranks that train the SAE (``unit``); elsewhere only a non-finite loss counts."""
     if not math.isfinite(loss):
         return "non-finite loss"
-    early = tr.early_loss_sum / tr.early_loss_n if tr.early_loss_n else 0.0
+    early = unit.early_loss_sum / unit.early_loss_n if unit is not None and unit.early_loss_n else 0.0
     if cfg.diverge_factor and early > 0 and loss > cfg.diverge_factor * early:
         return (f"the loss diverged ({loss:.3g}, above --diverge-factor {cfg.diverge_factor:g} x its early value "
                 f"{early:.3g}; 0 turns the check off)")
     return None
 
 
-def check_before_writing(cfg: Config, tr: Training, x: Any, lam: float, dead: Any, autocast: Any) -> str | None:
-    """Before a checkpoint: the loss of the new weights on this step's batch passes :func:`_diverged` and
-    the Adam state is finite, on every rank (one forward without gradients, one all-reduce); else why not."""
+def check_before_writing(cfg: Config, tr: Training, xs: dict[int, Any], warm: float, autocast: Any,
+                         ddp: bool) -> str | None:
+    """Before a checkpoint: for every SAE, the loss of the new weights on this step's batch passes
+    :func:`_diverged` and the Adam state is finite, on every rank (one forward without gradients each, one
+    all-reduce for all); else why not, naming the SAE."""
     import torch
 
     from lineofsight import dist
 
-    sae, opt = tr.sae, tr.opt
-    with torch.no_grad(), autocast:
-        after = sae.loss(x, l1_coefficient=lam, dead_mask=dead if cfg.activation != "relu" else None)["loss"]
-    adam = [v for state in opt.state.values() for v in state.values()
-            if torch.is_tensor(v) and v.is_floating_point()]
-    health = dist.all_reduce(torch.stack([after.detach().double(), _finite_sum(adam)]))
-    if not math.isfinite(float(health[1])):
-        return "non-finite Adam state"
-    return _diverged(cfg, tr, float(health[0]) / dist.world_size())
+    health = torch.zeros(len(tr.specs), 2, dtype=torch.float64, device=xs[next(iter(xs))].device if xs else None)
+    index = {s.name: i for i, s in enumerate(tr.specs)}
+    for unit in tr.units:
+        dead = unit.since_fired > cfg.dead_after_tokens if cfg.activation != "relu" else None
+        parts = _chunks(cfg, xs[unit.spec.layer])
+        with torch.no_grad(), autocast:
+            after = sum(unit.sae.loss(part, l1_coefficient=unit.spec.l1_coefficient * warm, dead_mask=dead)["loss"]
+                        for part in parts) / len(parts)
+        adam = [v for state in unit.opt.state.values() for v in state.values()
+                if torch.is_tensor(v) and v.is_floating_point()]
+        health[index[unit.spec.name]] = torch.stack([after.detach().double(), _finite_sum(adam)])
+    dist.all_reduce(health)
+    if ddp:
+        health[:, 0] /= dist.world_size()
+    for spec, (loss, adam) in zip(tr.specs, health.tolist(), strict=True):
+        unit = next((u for u in tr.units if u.spec is spec), None)
+        problem = "non-finite Adam state" if not math.isfinite(adam) else _diverged(cfg, unit, loss)
+        if problem:
+            return f"SAE {spec.name}: {problem}"
+    return None
 
 
 def _last_good(out: Path | None) -> str:
@@ -855,30 +1207,43 @@ def _last_good(out: Path | None) -> str:
     return f"Last good checkpoint: {ckpt} (--resume continues from it)"
 
 
-def log_step(cfg: Config, run: Run, tr: Training, x: Any, types: Any, out: dict[str, Any], latents: Any,
-             lam: float, tokens_per_s: float) -> dict[str, Any]:
-    """One log line (losses averaged over the ranks; L0 and FVU of this rank's batch), appended
-    to ``log.jsonl`` by rank 0."""
-    import torch
-
+def log_step(cfg: Config, run: Run, tr: Training, losses: Any, metrics: dict[str, dict[str, float]], warm: float,
+             tokens_per_s: float, ddp: bool) -> None:
+    """One log line per SAE (losses averaged over the ranks under DDP; L0 and FVU of the batch its reporting rank
+    saw), appended to ``log.jsonl`` by rank 0; ``tr.last`` holds them."""
     from lineofsight import dist
 
-    m = batch_metrics(x, out["x_hat"].detach(), latents, types, tr.sae.cfg.act_scale)
-    losses = dist.all_reduce(torch.stack([out[k].detach().float() for k in ("loss", "mse", "aux")]), op="mean")
-    line = {"step": tr.step, "tokens": tr.tokens_seen, "loss": float(losses[0]), "mse": float(losses[1]),
-            "aux": float(losses[2]), "lambda": lam, "lr": tr.opt.param_groups[0]["lr"], **m,
-            "dead_frac": float((tr.since_fired > cfg.dead_after_tokens).float().mean()), "tokens_per_s": tokens_per_s}
-    if run.is_main:
-        with (run.out / LOG_FILE).open("a") as f:
-            f.write(json.dumps(line) + "\n")
-    return line
+    dist.all_reduce(losses, op="mean" if ddp else "sum")
+    parts = dist.all_gather_object({n: (m, float((u.since_fired > cfg.dead_after_tokens).float().mean()))
+                                    for n, m in metrics.items() for u in tr.units if u.spec.name == n})
+    if not run.is_main:
+        return
+    got = {n: v for part in parts for n, v in part.items()}
+    lines = []
+    for i, spec in enumerate(tr.specs):
+        m, dead_frac = got[spec.name]
+        line = {"step": tr.step, "sae": spec.name, "layer": spec.layer, "tokens": tr.tokens_seen,
+                "loss": float(losses[i, 0]), "mse": float(losses[i, 1]), "aux": float(losses[i, 2]),
+                "lambda": spec.l1_coefficient * warm, "lr": tr.units[0].opt.param_groups[0]["lr"] if tr.units else None,
+                **m, "dead_frac": dead_frac, "tokens_per_s": tokens_per_s}
+        tr.last[spec.name] = line
+        lines.append(json.dumps(line) + "\n")
+    with (run.out / LOG_FILE).open("a") as f:
+        f.write("".join(lines))
 
 
 def finish(cfg: Config, run: Run, data: Data, tr: Training, start: float) -> dict[str, Any]:
-    """Rank 0 saves the SAE to ``<out>/sae`` and the metrics (skips summed over the ranks); the run ends."""
+    """Each SAE is saved to ``<out>/saes/<name>`` by the rank that reports it; rank 0 writes the metrics (skips
+    summed over the ranks); the run ends."""
     from lineofsight import dist
     from lineofsight.data import SkipCounter
+    from lineofsight.sae import SAES_DIR
 
+    for unit in tr.units:
+        if unit.spec.reporter() == run.info.rank:
+            unit.sae.save(run.out / SAES_DIR / unit.spec.name)
+    dead = dist.all_gather_object({u.spec.name: (float((u.since_fired > cfg.dead_after_tokens).float().mean()),
+                                                 u.sae.cfg.act_scale) for u in tr.units})
     skipped = dist.all_gather_object(data.source.skips.to_dict())
     metrics: dict[str, Any] = {}
     summary = ""
@@ -886,19 +1251,26 @@ def finish(cfg: Config, run: Run, data: Data, tr: Training, start: float) -> dic
         skips = SkipCounter()
         for s in skipped:
             skips.merge(s)
-        tr.sae.save(run.out / "sae")
-        last = tr.last
-        metrics = {
-            "final_loss": last.get("loss"), "l0": last.get("l0"), "fvu": last.get("fvu"),
-            "dead_frac": float((tr.since_fired > cfg.dead_after_tokens).float().mean()),
-            "tokens_seen": tr.tokens_seen, "steps": tr.step, "tokens_per_s": last.get("tokens_per_s"),
-            "wall_s": round(time.perf_counter() - start, 1), "world_size": run.info.world_size, "layer": data.layer,
-            "by_type": {k: v for k, v in last.items() if "/" in k}, "skipped": skips.to_dict(),
-            "act_scale": tr.sae.cfg.act_scale,
-        }
-        summary = (f"done: {tr.step} steps, {tr.tokens_seen} tokens, loss {_fmt(metrics['final_loss'], '.4g')}, "
-                   f"L0 {_fmt(metrics['l0'], '.1f')}, FVU {_fmt(metrics['fvu'], '.3f')}, dead {metrics['dead_frac']:.3f}, "
-                   f"{skips.summary()}; SAE in {run.out / 'sae'}")
+        dead_scale = {n: v for part in dead for n, v in part.items()}
+        per_sae = {}
+        for spec in tr.specs:
+            last = tr.last.get(spec.name, {})
+            per_sae[spec.name] = {
+                "layer": spec.layer, "expansion": spec.expansion, "d_sae": spec.d_sae,
+                **({"l1_coefficient": spec.l1_coefficient} if cfg.activation == "relu" else {"k": spec.k}),
+                "final_loss": last.get("loss"), "l0": last.get("l0"), "fvu": last.get("fvu"),
+                "dead_frac": dead_scale[spec.name][0], "by_type": {k: v for k, v in last.items() if "/" in k},
+                "act_scale": dead_scale[spec.name][1], "path": str(run.out / SAES_DIR / spec.name),
+            }
+        first = tr.last.get(tr.specs[0].name, {})
+        metrics = {"saes": per_sae, "tokens_seen": tr.tokens_seen, "steps": tr.step,
+                   "tokens_per_s": first.get("tokens_per_s"), "wall_s": round(time.perf_counter() - start, 1),
+                   "world_size": run.info.world_size, "layers": data.layers,
+                   "distribute_saes": cfg.distribute_saes, "skipped": skips.to_dict()}
+        each = "; ".join(f"{n} loss {_fmt(m['final_loss'], '.4g')} L0 {_fmt(m['l0'], '.1f')} "
+                         f"FVU {_fmt(m['fvu'], '.3f')} dead {m['dead_frac']:.3f}" for n, m in per_sae.items())
+        summary = (f"done: {tr.step} steps, {tr.tokens_seen} tokens, {each}, {skips.summary()}; "
+                   f"SAE{'s' * (len(per_sae) > 1)} in {run.out / SAES_DIR}")
     dist.barrier()
     run.finish(summary, metrics if run.is_main else None)
     return metrics
@@ -919,14 +1291,13 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
         raise UserError(f"--wandb {cfg.wandb}: the wandb package is not installed (pip install wandb)")
     run.setup(seed=cfg.seed, device=cfg.device)
     data = load_data(cfg, run)
-    d_sae = cfg.expansion * data.d_in
-    if cfg.activation != "relu" and cfg.k > d_sae:
-        raise UserError(f"--k {cfg.k} is more than the SAE's {d_sae} latents (--expansion {cfg.expansion} "
-                        f"x the width {data.d_in} of layer {data.layer})")
+    specs = plan_saes(cfg, data.layers, data.d_in, run.info.world_size)
+    mine_only(cfg, data, specs, run)
+    check_memory(cfg, specs, data, run)
     if cfg.resume:
-        check_resume(cfg, run, data)
+        check_resume(cfg, run, specs)
     run.open(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
-    tr = init_training(cfg, run, data)
+    tr = init_training(cfg, run, data, specs)
     if tr.step >= tr.n_steps and (run.out / "metrics.json").is_file():
         data.source.close()
         metrics = json.loads((run.out / "metrics.json").read_text())

@@ -5,7 +5,9 @@ interleaving the two so that machine noise hits both alike, and prints
 
     row | baseline | candidate | ratio (candidate / baseline time) | goal | verdict
 
-A faster dtype or a different batch size would be a row of its own. Rows are grouped by the
+A faster dtype or a different batch size would be a row of its own. Memory rows hold peak RSS in GB
+instead of seconds (the columns say so), and the ratio is then candidate / baseline memory; a row that
+does not apply on this device (MFU off a known GPU) prints n/a. Rows are grouped by the
 issue that set their goal; ``--only`` picks groups. This is a measurement, not a test: nothing
 here fails the test suite.
 
@@ -52,21 +54,35 @@ class Row:
     ok: bool
     failed: str = ""
     """Why the baseline could not be measured (a peer library that failed); the row still prints."""
+    unit: str = "s"
+    """What ``t_base`` and ``t_cand`` hold: seconds, or "GB" for the memory rows (peak RSS)."""
+    na: str = ""
+    """Why the row does not apply here (e.g. MFU on a device with no known peak); printed instead of a verdict."""
 
     @property
     def ratio(self) -> float:
-        return self.t_cand / self.t_base if not self.failed else float("nan")
+        return self.t_cand / self.t_base if not (self.failed or self.na) else float("nan")
+
+
+def _sync() -> None:
+    """Wait for queued CUDA work, so a timed call ends when its kernels do (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def time_pair(base: Callable[[], Any], cand: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """Median seconds of ``base`` and ``cand``, measured alternately."""
+    """Median seconds of ``base`` and ``cand``, measured alternately (on CUDA, until their kernels finish)."""
     for _ in range(2):
         base(), cand()
     t_b, t_c = [], []
     for _ in range(repeats):
         for fn, sink in ((base, t_b), (cand, t_c)):
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             sink.append(time.perf_counter() - start)
     return statistics.median(t_b), statistics.median(t_c)
 
@@ -306,33 +322,48 @@ def steering_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     return rows
 
 
-def _dense_sae_step(sae: Any) -> Callable[[Any], None]:
+def _autocast(device: str, enabled: bool) -> Any:
+    """The trainer's ``--sae-autocast`` context: bfloat16 autocast on CUDA (weights and Adam stay
+    float32), else a no-op."""
+    import contextlib
+
+    import torch
+
+    if enabled and device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _dense_sae_step(sae: Any, autocast: bool = False) -> Callable[[Any], None]:
     """A train step of a plain dense reference SAE with ``sae``'s config and a copy of its
     weights: the same math as ``SparseAutoencoder.loss`` written out with dense ops (the latents
-    scattered into a dense ``[N, d_sae]`` tensor, decoded by one dense product), its own Adam."""
+    scattered into a dense ``[N, d_sae]`` tensor, decoded by one dense product), its own Adam;
+    with ``autocast``, the forward under the trainer's CUDA bfloat16 autocast, as ours."""
     import torch
 
     c = sae.cfg
+    device = str(sae.W_enc.device)
     W_enc, b_enc, W_dec, b_dec = (torch.nn.Parameter(p.detach().clone())
                                   for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
     opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec])
 
     def step(x: Any) -> None:
-        xs = x * c.act_scale
-        pre = (xs - b_dec) @ W_enc + b_enc
-        if c.activation == "relu":
-            f = torch.relu(pre)
-        elif c.activation == "topk":
-            vals, idx = pre.topk(c.k, dim=-1)
-            f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
-        else:  # batchtopk: the k * N largest over the whole batch
-            flat = torch.relu(pre).flatten()
-            vals, idx = flat.topk(c.k * pre.shape[0])
-            f = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
-        x_hat = f @ W_dec + b_dec
-        loss = ((xs - x_hat) ** 2).sum(-1).mean()
-        if c.activation == "relu":  # April update: lambda * sum_j f_j ||W_dec_j||
-            loss = loss + c.l1_coefficient * (f * torch.linalg.vector_norm(W_dec, dim=1)).sum(-1).mean()
+        with _autocast(device, autocast):
+            xs = x * c.act_scale
+            pre = (xs - b_dec) @ W_enc + b_enc
+            if c.activation == "relu":
+                f = torch.relu(pre)
+            elif c.activation == "topk":
+                vals, idx = pre.topk(c.k, dim=-1)
+                f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+            else:  # batchtopk: the k * N largest over the whole batch
+                flat = torch.relu(pre).flatten()
+                vals, idx = flat.topk(c.k * pre.shape[0])
+                f = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+            x_hat = f @ W_dec + b_dec
+            loss = ((xs - x_hat) ** 2).sum(-1).mean()
+            if c.activation == "relu":  # April update: lambda * sum_j f_j ||W_dec_j||
+                loss = loss + c.l1_coefficient * (f * torch.linalg.vector_norm(W_dec, dim=1)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if c.activation != "relu":
@@ -447,10 +478,10 @@ def _harvest_and_limit(model: Any, harvester: Any, captions: list[str], images: 
     return harvest, limit
 
 
-def _sae_step_row(cfg: Config, name: str, activation: str, x: Any, d_sae: int, k: int, repeats: int
-                  ) -> tuple[Row, Callable[[], None]]:
-    """Our SAE train step (loss, backward, Adam, decoder renorm) on ``x`` against the dense reference
-    at the same sizes, and the step itself (for the peer rows)."""
+def _our_sae_step(cfg: Config, activation: str, x: Any, d_sae: int, k: int, autocast: bool = False
+                  ) -> tuple[Any, Callable[[], None]]:
+    """(sae, step): a float32 SAE with its Adam on ``cfg.device``, and the trainer's step on ``x``
+    (loss, backward, Adam, decoder renorm), the forward under ``--sae-autocast`` when asked (CUDA only)."""
     import torch
 
     from lineofsight.sae import SAEConfig, SparseAutoencoder
@@ -460,12 +491,22 @@ def _sae_step_row(cfg: Config, name: str, activation: str, x: Any, d_sae: int, k
     dead = None if activation == "relu" else torch.zeros(d_sae, dtype=torch.bool, device=cfg.device)
 
     def ours() -> None:
-        out = sae.loss(x, dead_mask=dead)
+        with _autocast(cfg.device, autocast):
+            out = sae.loss(x, dead_mask=dead)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         sae.optimizer_step(opt)
 
-    dense = _dense_sae_step(sae)
+    return sae, ours
+
+
+def _sae_step_row(cfg: Config, name: str, activation: str, x: Any, d_sae: int, k: int, repeats: int,
+                  autocast: bool = False) -> tuple[Row, Callable[[], None]]:
+    """Our SAE train step (loss, backward, Adam, decoder renorm) on ``x`` against the dense reference
+    at the same sizes (both under bf16 autocast with ``autocast`` on CUDA), and the step itself (for
+    the peer rows)."""
+    sae, ours = _our_sae_step(cfg, activation, x, d_sae, k, autocast)
+    dense = _dense_sae_step(sae, autocast)
     t_ref, t_ours = time_pair(lambda: dense(x), ours, repeats)
     if activation == "relu":
         # Half the latents fire at initialisation, so the dense product is the right kernel and the
@@ -511,6 +552,7 @@ def sae_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
         del ours
 
     rows.append(_buffer_row(cfg, repeats))
+    rows.append(_five_layers_row(cfg))
     layer = check_layer(model, 2)
     samples = _toy_images(cfg.batch_size)
     captions, images = [s.caption for s in samples], [s.image for s in samples]
@@ -548,6 +590,39 @@ def sae_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     return rows
 
 
+def _five_layers_row(cfg: Config) -> Row:
+    """The trainer on the toy, online: one run training SAEs on layers 1-5 from one harvest (one forward to
+    layer 5 per batch of records, one model load) against five runs of one layer each (each its own
+    harvest and load), the same tokens, SAE sizes and steps on both sides; wall time of the processes."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    common = [sys.executable, str(root / "sae" / "sae-trainer.py"), "--batch-size", "256", "--total-tokens",
+              str(256 * 40), "--checkpoint-every", "0", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def timed(args: list[str]) -> float:
+        start = time.perf_counter()
+        proc = subprocess.run([*common, *args], capture_output=True, text=True, env=env, cwd=root)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "trainer failed")
+        return time.perf_counter() - start
+
+    name = "5 layers, 1 run vs 5 runs (toy, online)"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t_one = timed(["--layer", "1", "2", "3", "4", "5", "--out", f"{tmp}/all"])
+            t_five = sum(timed(["--layer", str(layer), "--out", f"{tmp}/L{layer}"]) for layer in range(1, 6))
+    except RuntimeError as err:
+        return Row(name, "5 runs", 0.0, 0.0, ">= 2.5x", False, failed=str(err)[:120])
+    return Row(name, "5 runs", t_five, t_one, ">= 2.5x", t_five / t_one >= 2.5)
+
+
 def _buffer_row(cfg: Config, repeats: int) -> Row:
     """The trainer's online shuffle buffer at the paper's sizes (d_model 4096, batch 4096, 8 batches,
     bfloat16): one step's take + in-place refill against copying one batch out of it."""
@@ -558,16 +633,16 @@ def _buffer_row(cfg: Config, repeats: int) -> Row:
     tcfg = trainer.Config(batch_size=batch, buffer_batches=k, dtype="bfloat16", load_threads=0)
     source = trainer.OnlineSource(tcfg, None, [], 0, 1, cfg.device)
     gen = torch.Generator().manual_seed(0)
-    source.acts = torch.randn(k * batch, d, generator=gen).to(cfg.device, torch.bfloat16)
+    source.acts = torch.randn(k * batch, 1, d, generator=gen).to(cfg.device, torch.bfloat16)  # [C, layers, d]
     source.n_filled = source.capacity
     # Staged tokens for every timed step (warm-up included), so no harvest runs inside the timing.
     n_staged = (2 + repeats) * batch
-    source.stage_acts = torch.randn(n_staged, d, generator=gen).to(cfg.device, torch.bfloat16)
+    source.stage_acts = torch.randn(n_staged, 1, d, generator=gen).to(cfg.device, torch.bfloat16)
     source.stage_types = torch.zeros(n_staged, dtype=torch.uint8, device=cfg.device)
     slots = torch.randperm(k * batch, generator=gen)[:batch].to(cfg.device)
 
     def copy_batch() -> None:
-        source.acts[slots].float()
+        source.acts[slots]
 
     def take_and_refill() -> None:
         source.next_batch(0)
@@ -707,19 +782,221 @@ def realwidth_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     peaks["harvest"] = _peak_rss_gb()
     del big, big_processor, harvester, harvest, limit
 
-    d_in, d_sae = 4096, 32768
+    d_in, d_sae, k = 4096, 32768, 32
     n_tok = 4096 if on_gpu else 256
     x = torch.randn(n_tok, d_in, generator=torch.Generator().manual_seed(0)).to(cfg.device)
-    for activation in ("relu", "topk"):
-        name = f"real width: SAE step {activation}, {n_tok} tok"
-        row, ours = _sae_step_row(cfg, name, activation, x, d_sae, 32, repeats)
-        rows.append(row)
-        flops = 6 * n_tok * d_in * d_sae * 2  # encoder + decoder, forward + backward
-        print(f"  {name}: {n_tok / row.t_cand:,.0f} tokens/s, {flops / row.t_cand / 1e12:.2f} TFLOP/s", flush=True)
-        peaks[f"SAE {activation} + Adam"] = _peak_rss_gb()
-        del ours
+    # The dense ReLU step's matmul FLOPs: encoder and decoder products, each forward + 2 backward
+    # (input and weight gradients; the encoder's input gradient is needed for b_dec), 2 FLOPs per
+    # multiply-add: 2 x 3 x 2 = 12 N d_in d_sae. The peaks below count FLOPs the same way.
+    flops = 12 * n_tok * d_in * d_sae
+    # float32 as the trainer's default; on CUDA also under --sae-autocast (bf16 forward, fp32 weights and Adam).
+    autocasts = (False, True) if on_gpu else (False,)
+    t_relu = {}
+    for autocast in autocasts:
+        tag = ", autocast" if autocast else ""
+        for activation in ("relu", "topk"):
+            name = f"real width: SAE step {activation}, {n_tok} tok{tag}"
+            row, ours = _sae_step_row(cfg, name, activation, x, d_sae, k, repeats, autocast)
+            rows.append(row)
+            kind = "" if activation == "relu" else " dense-equivalent"
+            print(f"  {name}: {n_tok / row.t_cand:,.0f} tokens/s, {flops / row.t_cand / 1e12:.2f}{kind} TFLOP/s",
+                  flush=True)
+            peaks[f"SAE {activation}{tag} + Adam"] = _peak_rss_gb()
+            if activation == "relu":
+                t_relu[autocast] = row.t_cand
+            del ours
+    rows.append(_mfu_row(cfg, n_tok, flops, t_relu.get(True)))
+    # TopK against ReLU, our steps interleaved (under autocast on CUDA): a fresh pair, so no more than
+    # two SAEs with their Adam are alive at once, as in the rows above.
+    _, relu_step = _our_sae_step(cfg, "relu", x, d_sae, k, autocast=on_gpu)
+    _, topk_step = _our_sae_step(cfg, "topk", x, d_sae, k, autocast=on_gpu)
+    t_r, t_k = time_pair(relu_step, topk_step, repeats)
+    rows.append(Row(f"real width: SAE step topk vs relu, {n_tok} tok", "relu step", t_r, t_k, "<= 0.33 (3x)",
+                    t_r / t_k >= 3))
+    peaks["SAE relu + topk"] = _peak_rss_gb()
+    del relu_step, topk_step, x
     print("  peak RSS after each stage (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()), flush=True)
+    if not on_gpu:  # host-memory rows: the same on any machine, so the GPU check (8 minutes) leaves them out
+        rows += _checkpoint_rss_rows(cfg)
+        rows.append(_cache_rss_row(cfg))
     return rows
+
+
+_BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0))
+"""Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of ``torch.cuda.get_device_name()``,
+most specific first (an H100 SXM reports itself as e.g. 'NVIDIA H100 80GB HBM3')."""
+
+
+def _mfu_row(cfg: Config, n_tok: int, flops: float, t_step: float | None) -> Row:
+    """The ReLU step under bf16 autocast against the time the GPU's dense bf16 peak would take for its
+    matmul FLOPs: ratio = 1 / MFU. Not applicable off CUDA or on a GPU not in the table."""
+    import torch
+
+    name = f"real width: SAE relu MFU, {n_tok} tok" + (", autocast" if t_step is not None else "")
+    goal = "<= 2.00 (MFU>=50%)"
+    if t_step is None:
+        return Row(name, "bf16 peak", 0.0, 0.0, goal, False, na=f"no bf16 peak on {cfg.device}")
+    gpu = torch.cuda.get_device_name(torch.device(cfg.device))
+    peak = next((tflops for key, tflops in _BF16_PEAK_TFLOPS if key in gpu), None)
+    if peak is None:
+        print(f"  {name}: {flops / t_step / 1e12:.1f} TFLOP/s, MFU n/a (no bf16 peak known for {gpu!r})", flush=True)
+        return Row(name, "bf16 peak", 0.0, 0.0, goal, False, na=f"no bf16 peak known for {gpu!r}")
+    t_peak = flops / (peak * 1e12)
+    mfu = t_peak / t_step
+    print(f"  {name}: {n_tok / t_step:,.0f} tokens/s, {flops / t_step / 1e12:.1f} TFLOP/s, MFU {100 * mfu:.1f} % "
+          f"of {peak:g} TFLOP/s ({gpu})", flush=True)
+    return Row(name, f"{peak:g}T bf16 pk", t_peak, t_step, goal, mfu >= 0.5)
+
+
+_CHECKPOINT_RSS = """
+import json, re, sys
+from pathlib import Path
+import torch
+import safetensors.torch
+from lineofsight.io import save_tensors
+from lineofsight.sae import SAEConfig, SparseAutoencoder
+
+def status_gb(field):
+    return int(re.search(field + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1e6
+
+writer, path, threads = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+sae = SparseAutoencoder(SAEConfig(d_in=4096, d_sae=32768, activation="relu"))
+opt = torch.optim.Adam(sae.parameters())
+x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(0))
+sae.loss(x)["loss"].backward()
+sae.optimizer_step(opt)
+opt.zero_grad(set_to_none=True)  # the denominator is the state itself, not state + gradients
+# What the trainer's trainer.safetensors holds: the SAE, since_fired, every Adam state tensor.
+tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+tensors["since_fired"] = torch.zeros(32768, dtype=torch.long)
+for i, state in opt.state_dict()["state"].items():
+    tensors.update({f"opt.{i}.{name}": value for name, value in state.items()})
+# Reset the peak to the current RSS (Linux >= 4.0), so the step's own peak (gradients, Adam's
+# temporaries) does not count; VmHWM is this process's peak, free of its parent's (ru_maxrss
+# can inherit the peak of the process it was spawned from).
+try:
+    Path("/proc/self/clear_refs").write_text("5")
+    reset = True
+except OSError:
+    reset = False
+before = status_gb("VmRSS")
+if writer == "save_tensors":
+    save_tensors(path, tensors)
+elif writer == "save_file":
+    safetensors.torch.save_file(tensors, path)
+else:  # the whole file as bytes in memory, then written
+    path.write_bytes(safetensors.torch.save(tensors))
+state = sum(v.numel() * v.element_size() for v in tensors.values()) / 1e9
+print(json.dumps({"before": before, "peak": status_gb("VmHWM"), "reset": reset, "state_gb": state,
+                  "file_gb": path.stat().st_size / 1e9}))
+"""
+"""Run as ``python -c``: build the real-width ReLU SAE (4096 -> 32,768, float32) and its Adam, take one
+step on 64 tokens, then write the tensors a trainer checkpoint holds with ``argv[1]`` to ``argv[2]``;
+prints RSS before the write and the peak during it (GB) as JSON."""
+
+
+def _checkpoint_rss_rows(cfg: Config) -> list[Row]:
+    """Host memory of writing a real-width trainer checkpoint (SAE + Adam state, float32, on the CPU
+    whatever --device: this is host RSS), each writer in a fresh process: the peak RSS during the write
+    against the RSS just before it. Ours streams tensor by tensor; safetensors' ``save_file`` is the
+    library's writer; ``save`` + write serialises the whole file in memory first (a second copy)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
+    rows, info = [], {}
+    with tempfile.TemporaryDirectory() as tmp:  # on disk (the default temp dir), not in memory
+        for writer, label in (("save_tensors", "save_tensors"), ("save_file", "st.save_file"),
+                              ("save", "st.save+write")):
+            name = f"real width: ckpt RSS GB, {label}"
+            path = Path(tmp) / f"{writer}.safetensors"
+            out = subprocess.run([sys.executable, "-c", _CHECKPOINT_RSS, writer, str(path), str(cfg.threads)],
+                                 cwd=root, env=env, capture_output=True, text=True, timeout=600)
+            path.unlink(missing_ok=True)
+            if out.returncode != 0:
+                reason = (out.stderr.strip().splitlines() or ["exit " + str(out.returncode)])[-1]
+                rows.append(Row(name, "before write", 0.0, 0.0, "<= 1.10", False, failed=reason[:120], unit="GB"))
+                continue
+            info = json.loads(out.stdout.splitlines()[-1])
+            rows.append(Row(name, "before write", info["before"], info["peak"], "<= 1.10",
+                            info["peak"] / info["before"] <= 1.10, unit="GB"))
+    if info:
+        import safetensors
+
+        reset = "peak reset before the write" if info["reset"] else "peak NOT reset: includes the step"
+        print(f"  checkpoint: {info['state_gb']:.2f} GB of state (SAE 4096->32768 + Adam, float32), "
+              f"{info['file_gb']:.2f} GB file on disk; {reset}; safetensors {safetensors.__version__}", flush=True)
+    return rows
+
+
+_PEAK_RSS = """
+import resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+if proc.returncode:
+    sys.exit(proc.stderr[-2000:])
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+"""Run as ``python -c``: run ``argv[1:]`` and print its peak RSS (kB). The wrapper is small, so the child's
+ru_maxrss cannot inherit a large parent's peak (as it could when spawned from the benchmark itself)."""
+
+
+def _cache_rss_row(cfg: Config) -> Row:
+    """The trainer in cache mode (``--activations``) on two synthetic real-width token caches (d_model
+    4096, bfloat16, layer 1), one 4x the other: its peak RSS must not grow with the cache (it reads
+    batch rows from the shards; the eager reader would hold the whole layer in float32)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from lineofsight.cache import shard_path, summarise_token_shards, write_cache_metadata, write_token_shard
+    from lineofsight.data import SkipCounter
+    from lineofsight.harvest import TokenBatch
+
+    root = Path(__file__).resolve().parent.parent
+    d, per_shard, layer = 4096, 4096, 1
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    peaks, sizes = {}, {}
+    name = "real width: cache-mode trainer peak (RSS GB)"
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_shards in (4, 16):  # 16,384 and 65,536 tokens
+            cache = Path(tmp) / f"tokens-{n_shards}"
+            cache.mkdir()
+            gen = torch.Generator().manual_seed(n_shards)
+            for s in range(n_shards):
+                n = per_shard
+                tokens = TokenBatch(torch.randn(n, 1, d, generator=gen).to(torch.bfloat16),
+                                    torch.randint(0, 3, (n,), generator=gen).to(torch.uint8),
+                                    torch.arange(s * n, (s + 1) * n), torch.zeros(n, dtype=torch.long),
+                                    torch.arange(n))
+                write_token_shard(cache, s, tokens, SkipCounter().to_dict())
+            summary = summarise_token_shards(cache, n_shards)
+            write_cache_metadata(cache, {"layers": [layer], **summary, "n_records": n_shards * per_shard,
+                                         "key": {"model": "synthetic", "n_shards": n_shards}})
+            sizes[n_shards] = sum(shard_path(cache, s).stat().st_size for s in range(n_shards)) / 1e9
+            cmd = [sys.executable, "-c", _PEAK_RSS, sys.executable, str(root / "sae" / "sae-trainer.py"),
+                   "--activations", str(cache), "--layer", str(layer), "--expansion", "1", "--batch-size", "256",
+                   "--total-tokens", "4096", "--checkpoint-every", "0", "--out", str(Path(tmp) / f"run{n_shards}")]
+            out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+            if out.returncode != 0:
+                reason = (out.stderr.strip().splitlines() or ["exit " + str(out.returncode)])[-1]
+                return Row(name, "1x cache", 0.0, 0.0, "<= 1.10", False, failed=f"trainer: {reason}"[:120], unit="GB")
+            peaks[n_shards] = int(out.stdout.split()[-1]) / 1e6  # kB -> GB
+            shutil.rmtree(cache)  # one cache on disk at a time
+    print(f"  cache-mode trainer: caches of {4 * per_shard:,} and {16 * per_shard:,} tokens x {d} bf16, "
+          f"{sizes[4]:.2f} and {sizes[16]:.2f} GB on disk; peak RSS {peaks[4]:.2f} and {peaks[16]:.2f} GB",
+          flush=True)
+    return Row(name, "1x cache", peaks[4], peaks[16], "<= 1.10", peaks[16] / peaks[4] <= 1.10, unit="GB")
 
 
 GROUPS: dict[str, Callable[[Config, Any, Any], list[Row]]] = {
@@ -752,12 +1029,17 @@ def main(cfg: Config) -> None:
         if (cfg.only and group not in cfg.only) or (not cfg.only and group == "realwidth"):
             continue
         for row in fn(cfg, model, processor):
-            if row.failed:
-                print(f"{row.name:<46} {row.baseline:<14} {'-':>8} {'-':>8} {'-':>6}  {row.goal:<18} "
-                      f"FAILED: {row.failed}", flush=True)
+            if row.failed or row.na:
+                why = f"FAILED: {row.failed}" if row.failed else f"n/a: {row.na}"
+                print(f"{row.name:<46} {row.baseline:<14} {'-':>8} {'-':>8} {'-':>6}  {row.goal:<18} {why}",
+                      flush=True)
                 continue
-            print(f"{row.name:<46} {row.baseline:<14} {row.t_base:8.4f} {row.t_cand:8.4f} {row.ratio:6.2f}  "
-                  f"{row.goal:<18} {'ok' if row.ok else 'BEHIND'}", flush=True)
+            if row.unit == "s":
+                values = f"{row.t_base:8.4f} {row.t_cand:8.4f}"
+            else:  # e.g. "  3.43GB": the memory rows
+                values = f"{row.t_base:6.2f}{row.unit:<2} {row.t_cand:6.2f}{row.unit:<2}"
+            print(f"{row.name:<46} {row.baseline:<14} {values} {row.ratio:6.2f}  {row.goal:<18} "
+                  f"{'ok' if row.ok else 'BEHIND'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,20 @@ python steering/steering_rollouts.py --vectors runs/demo/vectors --layer 1 --ima
   --k 0 4 8 16 --max-new-tokens 12 --out runs/demo/rollouts --overwrite
 python steering/eval_steering.py --vectors runs/demo/vectors --layer 1 2 3 --k 0 4 8 16 --images-per-pair 6 \
   --rollouts runs/demo/rollouts/rollouts.jsonl --out results/steering --overwrite
-echo "== 4. SAEs: harvest once, one SAE per layer, evaluation, modality by layer, steering-vector approximation"
+echo "== 4. SAEs: harvest once, one SAE per layer (five in one run), evaluation, modality by layer, approximation"
 # The world's first 448 captions train the SAEs; the last 64 are held out for evaluation.
 python sae/cache_activations.py --layers 1 2 3 4 5 --limit 448 --out runs/demo/sae-cache
-for L in 1 2 3 4 5; do
-  python sae/sae-trainer.py --activations runs/demo/sae-cache --layer $L --expansion 8 --l1-coefficient 5 --lr 1e-3 \
-    --batch-size 1024 --total-tokens 400000 --dead-after-tokens 100000 --log-every 100 --out runs/demo/sae-L$L --overwrite
-  python sae/evaluation/eval_sae.py --sae runs/demo/sae-L$L --offset 448 --limit 64 --out results/sae/eval-L$L --overwrite
-done
-python sae/evaluation/modality.py --saes runs/demo/sae-L1 runs/demo/sae-L2 runs/demo/sae-L3 runs/demo/sae-L4 \
-  runs/demo/sae-L5 --offset 448 --limit 64 --out results/sae/modality --overwrite
-python sae/approximate_steering_vectors.py --vectors runs/demo/vectors --sae runs/demo/sae-L2 --out results/sae/approx \
+python sae/sae-trainer.py --activations runs/demo/sae-cache --layer 1 2 3 4 5 --expansion 8 --l1-coefficient 5 \
+  --lr 1e-3 --batch-size 1024 --total-tokens 400000 --dead-after-tokens 100000 --log-every 100 --out runs/demo/sae \
   --overwrite
-python probes/train_probe.py --activations runs/demo/acts --features sae --sae runs/demo/sae-L2 \
+for L in 1 2 3 4 5; do
+  python sae/evaluation/eval_sae.py --sae runs/demo/sae/saes/L$L --offset 448 --limit 64 --out results/sae/eval-L$L \
+    --overwrite
+done
+python sae/evaluation/modality.py --saes runs/demo/sae --offset 448 --limit 64 --out results/sae/modality --overwrite
+python sae/approximate_steering_vectors.py --vectors runs/demo/vectors --sae runs/demo/sae/saes/L2 \
+  --out results/sae/approx --overwrite
+python probes/train_probe.py --activations runs/demo/acts --features sae --sae runs/demo/sae/saes/L2 \
   --out results/probes-sae --overwrite
 echo "== report"
 python scripts/make_report.py

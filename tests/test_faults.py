@@ -103,8 +103,8 @@ _NO_WANDB = pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, re
     (["--limit", "0"], "--limit must be positive"),
     (["--step-delay", "-1"], "--step-delay must be >= 0"),
     pytest.param(["--wandb", "proj"], "the wandb package is not installed", marks=_NO_WANDB),
-    (["--activation", "topk", "--k", "100000"], "--k 100000 is more than the SAE's 64 latents"),
-    (["--activation", "batchtopk", "--k", "65"], "--k 65 is more than the SAE's 64 latents"),
+    (["--activation", "topk", "--k", "100000"], "--k 100000 is more than the 64 latents of SAE L1"),
+    (["--activation", "batchtopk", "--k", "65"], "--k 65 is more than the 64 latents of SAE L1"),
 ])
 def test_bad_flags_are_one_line_exit_2(cache, tmp_path, extra, message):
     proc = _run(_trainer(cache, tmp_path / "run", *extra))
@@ -129,7 +129,7 @@ def test_a_diverging_run_stops_without_writing_a_bad_state(cache, tmp_path, extr
     assert message in line and "Last good checkpoint: none" in line, line
     assert not list(run.glob("checkpoints/step-*"))
     assert _all_finite(run)
-    assert not (run / "sae").exists() and not (run / "metrics.json").exists()
+    assert not (run / "saes").exists() and not (run / "metrics.json").exists()
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "failed" and message in record["summary"]
 
@@ -140,7 +140,7 @@ def test_divergence_names_the_last_good_checkpoint_and_resume_continues_from_it(
     complete. --resume starts there and stops at the same step again; with the check off it finishes."""
     trainer = load_script("sae/sae-trainer.py")
     cfg = trainer.Config(batch_size=BATCH)
-    source = trainer.CacheSource(cfg, synthetic_acts, torch.zeros(len(synthetic_acts)), 0, 1, "cpu")
+    source = trainer.CacheSource(cfg, synthetic_acts, torch.zeros(len(synthetic_acts)), [1], 0, 1, "cpu")
     acts = synthetic_acts.clone()
     acts[source._global_indices(7)] *= 1000  # the tokens of step 7's batch (and only those, in the first epoch)
     cache = _write_token_cache(tmp_path / "tokens", acts)
@@ -154,8 +154,9 @@ def test_divergence_names_the_last_good_checkpoint_and_resume_continues_from_it(
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", good.name]
     assert (run / "checkpoints" / "latest").read_text().strip() == good.name
     state = json.loads((good / "state.json").read_text())
-    assert state["step"] == 6 and state["early_loss_n"] == 6 and state["early_loss_sum"] > 0
-    assert _all_finite(good) and set(load_file(good / "trainer.safetensors")) >= {"sae.W_dec", "opt.0.exp_avg"}
+    (entry,) = state["saes"].values()
+    assert state["step"] == 6 and entry["early_loss_n"] == 6 and entry["early_loss_sum"] > 0
+    assert _all_finite(good) and set(load_file(good / "sae-L1.safetensors")) >= {"sae.W_dec", "opt.0.exp_avg"}
     files = {p.name: p.read_bytes() for p in good.iterdir()}
 
     again = _run([*args, "--resume"])  # the same data diverges at the same step; nothing is written
@@ -166,7 +167,7 @@ def test_divergence_names_the_last_good_checkpoint_and_resume_continues_from_it(
     done = _run([*args, "--resume", "--diverge-factor", "0"])  # --diverge-factor is no resume key
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {good} at step 6/12" in done.stdout and "done: 12 steps" in done.stdout
-    assert _all_finite(run / "sae") and json.loads((run / "run.json").read_text())["status"] == "done"
+    assert _all_finite(run / "saes" / "L1") and json.loads((run / "run.json").read_text())["status"] == "done"
 
 
 # ---- online mode: every image unreadable ---------------------------------------------------------------

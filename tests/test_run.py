@@ -269,7 +269,7 @@ def test_every_script_writes_its_run_record(tiny_model_dir, small_world, tmp_pat
         ("sae/cache_activations.py",
          lambda m: m.Config(model=model, data=data, layers=(1,), limit=4, out=tmp / "tok"), lambda r: r),
         ("sae/sae-trainer.py",
-         lambda m: m.Config(activations=tmp / "tok", layer=1, expansion=2, batch_size=64, total_tokens=256,
+         lambda m: m.Config(activations=tmp / "tok", layer=(1,), expansion=(2,), batch_size=64, total_tokens=256,
                             out=tmp / "sae"), lambda _: tmp / "sae"),
         ("sae/evaluation/eval_sae.py",
          lambda m: m.Config(sae=tmp / "sae", model=model, data=data, offset=4, limit=2, out=tmp / "sae-eval"),

@@ -36,6 +36,8 @@ D = 8
 class FakeHarvester:
     """Record i yields 3 + i % 5 tokens; token k (counting from 0 over the whole run) has ``acts[k, 0, 0] == k``."""
 
+    layers = [1]
+
     def __init__(self) -> None:
         self.n_emitted = 0
         self.max_harvest = 0
@@ -78,15 +80,15 @@ def _online(trainer, batch: int = 16, buffer_batches: int = 8, **kw):
 def test_buffer_is_fixed_and_a_step_writes_only_its_batch_rows(trainer):
     source = _online(trainer, batch=16, buffer_batches=8)
     source.fill()
-    assert source.acts.shape == (128, D) and source.n_filled == 128
+    assert source.acts.shape == (128, 1, D) and source.n_filled == 128
     ptr, types_ptr = source.acts.data_ptr(), source.types.data_ptr()
     for step in range(60):
         before = source.acts.clone()
         x, _ = source.next_batch(step)
         assert source.acts.data_ptr() == ptr and source.types.data_ptr() == types_ptr  # refilled in place
-        changed = (source.acts != before).any(1)
+        changed = (source.acts != before).flatten(1).any(1)
         assert int(changed.sum()) == 16  # exactly the batch's slots were written, nothing else
-        assert sorted(before[changed, 0].tolist()) == sorted(x[:, 0].tolist())  # ... the slots just served
+        assert sorted(before[changed, 0, 0].tolist()) == sorted(x[:, 0, 0].tolist())  # ... the slots just served
         assert len(source.stage_types) < source.harvester.max_harvest  # staging: less than one harvest
 
 
@@ -96,20 +98,20 @@ def test_mixing_guarantee_served_once_with_geometric_wait(trainer):
     k_batches, batch, n_steps = 8, 16, 1500
     source = _online(trainer, batch=batch, buffer_batches=k_batches)
     source.fill()
-    entered = dict.fromkeys(source.acts[:, 0].long().tolist(), -1)  # initial fill: eligible from step 0
+    entered = dict.fromkeys(source.acts[:, 0, 0].long().tolist(), -1)  # initial fill: eligible from step 0
     served: dict[int, int] = {}
     waits = []
     for step in range(n_steps):
         x, _ = source.next_batch(step)
-        for token in x[:, 0].long().tolist():
+        for token in x[:, 0, 0].long().tolist():
             assert token not in served, "a token was served twice"
             served[token] = step
             if entered[token] >= 0:
                 waits.append(step - entered[token])
-        for token in source.acts[:, 0].long().tolist():
+        for token in source.acts[:, 0, 0].long().tolist():
             entered.setdefault(token, step)
-    resident = set(source.acts[:, 0].long().tolist())
-    staged = set(source.stage_acts[:, 0].long().tolist())
+    resident = set(source.acts[:, 0, 0].long().tolist())
+    staged = set(source.stage_acts[:, 0, 0].long().tolist())
     # nothing dropped, nothing duplicated: served + resident + staged is every harvested token, once
     assert len(served) + len(resident) + len(staged) == source.harvester.n_emitted
     assert set(served) | resident | staged == set(range(source.harvester.n_emitted))
@@ -132,7 +134,7 @@ def test_buffer_state_round_trips_exactly(trainer):
     for step in range(5, 15):
         xa, ta = a.next_batch(step)
         xb, tb = b.next_batch(step)
-        assert torch.equal(xa[:, 0], xb[:, 0]) and torch.equal(ta, tb)
+        assert torch.equal(xa[:, 0, 0], xb[:, 0, 0]) and torch.equal(ta, tb)
     assert set(tensors) == {"buffer_acts", "buffer_types", "stage_acts", "stage_types", "gen_state"}
 
 
@@ -141,8 +143,8 @@ def test_buffer_dtype_defaults_to_the_model_dtype(trainer):
     assert cfg.buffer_dtype is None
     source = trainer.OnlineSource(cfg, FakeHarvester(), [SimpleNamespace(caption="c")] * 4, 0, 1, "cpu")
     source.loader = FakeLoader()
-    assert source.peek(8).dtype == torch.float32 and source.acts.dtype == torch.bfloat16
-    assert source.next_batch(0)[0].dtype == torch.float32  # the SAE gets float32
+    assert source.peek(8, 0).dtype == torch.float32 and source.acts.dtype == torch.bfloat16
+    assert source.next_batch(0)[0].dtype == torch.bfloat16  # a batch leaves in the buffer's dtype (route: float32)
     cache_script = load_script("sae/cache_activations.py")
     assert cache_script.Config().save_dtype is None  # resolved to --dtype in main (and in the cache's key)
 
@@ -200,14 +202,14 @@ def test_lazy_token_rows_equal_the_eager_reader(tmp_path, dtype, types):
 def test_cache_batches_equal_the_eager_ones_for_any_world_size(tmp_path, trainer):
     cache = _synthetic_cache(tmp_path / "c", [50, 31, 70])
     acts, kinds, _, _ = read_token_cache(cache, 1, TOKEN_TYPES)
-    rows = open_token_cache(cache, 1, TOKEN_TYPES)
-    eager = trainer.CacheSource(trainer.Config(batch_size=32), acts, kinds, 0, 1, "cpu")
-    ranks = [trainer.CacheSource(trainer.Config(batch_size=16), rows, rows.types, r, 2, "cpu") for r in range(2)]
+    rows = open_token_cache(cache, [1], TOKEN_TYPES)
+    eager = trainer.CacheSource(trainer.Config(batch_size=32), acts[:, None], kinds, [1], 0, 1, "cpu")
+    ranks = [trainer.CacheSource(trainer.Config(batch_size=16), rows, rows.types, [1], r, 2, "cpu") for r in range(2)]
     for step in range(12):  # several epochs of 151 tokens
         x, t = eager.next_batch(step)
         parts = [source.next_batch(step) for source in ranks]
         assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), t)
-    assert torch.equal(ranks[0].peek(20), eager.peek(20))
+    assert torch.equal(ranks[0].peek(20, 0), eager.peek(20, 0))
 
 
 def test_a_missing_layer_is_a_one_line_error(tmp_path):

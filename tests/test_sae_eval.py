@@ -206,7 +206,7 @@ def test_modality_and_approximation_scripts_run(toy_sae, tmp_path):
 @pytest.mark.parametrize("kind", ["layer", "width", "empty"])
 def test_eval_bad_input_is_one_line_exit_2(toy_sae, tmp_path, kind):
     world, run = toy_sae
-    sae_dir = run / "sae"
+    sae_dir = run / "saes" / "L2"
     args = ["--data", str(world / "sharegpt4v.json"), "--limit", "2"]
     if kind in ("layer", "width"):
         sae = SparseAutoencoder.load(sae_dir)

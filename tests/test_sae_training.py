@@ -150,7 +150,16 @@ def test_token_cache_is_reused_and_read_by_layer_and_type(small_world, token_cac
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "sae" / "sae.safetensors")
+    """Every SAE of a run: ``{"<name>/<tensor>": value}``."""
+    files = sorted((run / "saes").glob("*/sae.safetensors"))
+    assert files, f"no SAE in {run}"
+    return {f"{f.parent.name}/{k}": v for f in files for k, v in load_file(f).items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.parametrize("activation", ["relu", "topk"])
@@ -168,11 +177,13 @@ def test_torchrun_two_ranks_equals_one_process(token_cache, tmp_path, activation
     ma = json.loads((tmp_path / "one" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert ma["tokens_seen"] == mb["tokens_seen"] == 64 * 2 * 12 and mb["world_size"] == 2
-    assert ma["final_loss"] == pytest.approx(mb["final_loss"], rel=1e-4)
+    assert ma["saes"]["L2"]["final_loss"] == pytest.approx(mb["saes"]["L2"]["final_loss"], rel=1e-4)
 
 
 def test_kill_9_then_resume_equals_uninterrupted_run(small_world, tmp_path):
-    common = [TRAINER, "--data", str(small_world / "sharegpt4v.json"), "--layer", "2", "--expansion", "2",
+    """Several SAEs (two layers x two widths) from one harvest: one checkpoint holds them all, and the resumed
+    run ends with every SAE bit-identical to the uninterrupted run's."""
+    common = [TRAINER, "--data", str(small_world / "sharegpt4v.json"), "--layer", "1", "2", "--expansion", "2", "3",
               "--lr", "1e-3", "--batch-size", "96", "--buffer-batches", "3", "--records-per-forward", "2",
               "--total-tokens", str(96 * 24), "--checkpoint-every", "4"]
     full = _run([sys.executable, *common, "--out", str(tmp_path / "full")])
@@ -196,16 +207,16 @@ def test_kill_9_then_resume_equals_uninterrupted_run(small_world, tmp_path):
     resumed = _run([sys.executable, *common, "--out", str(run), "--resume", "--load-threads", "0"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
-    a, b = _weights(tmp_path / "full"), _weights(run)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert sorted(p.name for p in (run / "saes").iterdir()) == ["L1-x2", "L1-x3", "L2-x2", "L2-x3"]
+    _same(_weights(tmp_path / "full"), _weights(run))
     again = _run([sys.executable, *common, "--out", str(run), "--resume"])
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
-def test_kill_9_of_torchrun_and_its_workers_then_resume_equals_uninterrupted_run(token_cache, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--layer", "1", "2", "--distribute-saes"]], ids=["ddp", "distribute-saes"])
+def test_kill_9_of_torchrun_and_its_workers_then_resume_equals_uninterrupted_run(token_cache, tmp_path, mode):
     common = [*TORCHRUN, TRAINER, "--activations", str(token_cache), "--layer", "2", "--expansion", "2", "--lr", "1e-3",
-              "--batch-size", "32", "--total-tokens", str(32 * 2 * 16), "--checkpoint-every", "3"]
+              "--batch-size", "32", "--total-tokens", str(32 * 2 * 16), "--checkpoint-every", "3", *mode]
     full = _run([*common, "--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
 
@@ -236,15 +247,13 @@ def test_kill_9_of_torchrun_and_its_workers_then_resume_equals_uninterrupted_run
     resumed = _run([*common, "--out", str(run), "--resume"])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and f"at step {step}/16" in resumed.stdout
-    a, b = _weights(tmp_path / "full"), _weights(run)
-    assert set(a) == set(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    _same(_weights(tmp_path / "full"), _weights(run))
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "done" and record["world_size"] == 2
     assert record["sessions"][-1]["status"] == "running"  # the killed session never got to say otherwise
-    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)), "log lines after the checkpoint were written twice"
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    keys = [(d["step"], d["sae"]) for d in lines]  # one line per SAE and logged step
+    assert len(keys) == len(set(keys)) and keys == sorted(keys), "log lines after the checkpoint were written twice"
 
 
 def test_a_second_run_into_a_busy_folder_exits_2_naming_the_holder(token_cache, tmp_path):
@@ -295,7 +304,7 @@ def test_workers_stop_at_their_next_step_when_the_launcher_dies(token_cache, tmp
         if name.endswith(".safetensors"):
             assert load_file(folder / name)  # loadable
     assert json.loads((folder / "state.json").read_text())["step"] == int(folder.name.split("-")[1])
-    assert not (run / "sae").exists() and not (run / "metrics.json").exists()
+    assert not (run / "saes").exists() and not (run / "metrics.json").exists()
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "failed" and "launcher" in record["summary"]
     assert "is gone; stopping without writing more" in log.read_text()
@@ -342,6 +351,12 @@ def test_background_image_decoding_yields_the_same_batches_and_skips(small_world
     (["--layer", "99"], "out of range"),
     (["--data", "/no/such/file.json"], "does not exist"),
     (["--activations", "CACHE", "--layer", "3"], "not --layer 3"),
+    (["--layer", "1", "99"], "--layer 99 is out of range"),
+    (["--activations", "CACHE", "--layer", "1", "3"], "holds layers [1, 2], not --layer 3"),
+    (["--layer", "1", "1"], "--layer lists 1 more than once"),
+    (["--k", "8", "16"], "--activation relu has no k"),
+    (["--activation", "topk", "--l1-coefficient", "1", "2"], "--activation topk has no lambda"),
+    (["--activations", "CACHE", "--expansion", "4", "100000000"], "GiB free"),
     (["--activations", "CACHE", "--lr", "1e30", "--total-tokens", "20000"], "non-finite loss"),
 ])
 def test_bad_input_is_one_line_exit_2(token_cache, tmp_path, extra, message):
@@ -368,3 +383,90 @@ def test_schedules():
     assert trainer.lr_factor(0, 100, 0.2) == 1.0 and trainer.lr_factor(79, 100, 0.2) == 1.0
     assert trainer.lr_factor(90, 100, 0.2) == pytest.approx(0.5) and trainer.lr_factor(100, 100, 0.2) == 0.0
     assert trainer.l1_factor(0, 100, 0.05) == pytest.approx(0.2) and trainer.l1_factor(4, 100, 0.05) == 1.0
+
+
+# ---- several SAEs from one harvest ---------------------------------------------------------------------------
+
+
+def test_one_run_of_several_saes_equals_one_run_per_sae(token_cache, tmp_path):
+    """Two layers x two widths in one run from a cache: each SAE is bit-identical to the one its own run trains
+    (same batches, same init, its own Adam), and each has its folder, log lines and metrics."""
+    common = [sys.executable, TRAINER, "--activations", str(token_cache), "--lr", "1e-3", "--batch-size", "64",
+              "--total-tokens", str(64 * 10), "--checkpoint-every", "4", "--log-every", "5"]
+    multi = tmp_path / "multi"
+    proc = _run([*common, "--layer", "2", "1", "--expansion", "2", "4", "--out", str(multi)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = ["L1-x2", "L1-x4", "L2-x2", "L2-x4"]
+    assert sorted(p.name for p in (multi / "saes").iterdir()) == names
+    for layer, expansion in ((1, 2), (2, 4)):
+        single = tmp_path / f"L{layer}x{expansion}"
+        proc = _run([*common, "--layer", str(layer), "--expansion", str(expansion), "--out", str(single)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        mine = {k.split("/", 1)[1]: v for k, v in _weights(single).items()}
+        theirs = {k.split("/", 1)[1]: v for k, v in _weights(multi).items() if k.startswith(f"L{layer}-x{expansion}/")}
+        _same(mine, theirs)
+    metrics = json.loads((multi / "metrics.json").read_text())
+    assert sorted(metrics["saes"]) == names and metrics["layers"] == [1, 2] and metrics["steps"] == 10
+    assert {n: (m["layer"], m["d_sae"]) for n, m in metrics["saes"].items()} == {
+        "L1-x2": (1, 256), "L1-x4": (1, 512), "L2-x2": (2, 256), "L2-x4": (2, 512)}
+    lines = [json.loads(line) for line in (multi / "log.jsonl").read_text().splitlines()]
+    assert [(d["step"], d["sae"]) for d in lines] == [(step, n) for step in (5, 10) for n in names]
+    ckpt = _latest(multi)
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted([*(f"sae-{n}.safetensors" for n in names),
+                                                            "rank000.safetensors", "state.json"])
+
+    from lineofsight.cli import UserError
+    from lineofsight.sae import load_sae, load_saes
+
+    with pytest.raises(UserError, match=r"holds 4 SAEs \(L1-x2, L1-x4, L2-x2, L2-x4\); pass one of them"):
+        load_sae(multi, "cpu")
+    assert [s.cfg.d_sae for s in load_saes([multi, multi / "saes" / "L1-x2"], "cpu")] == [256, 512, 256, 512, 256]
+
+
+def test_one_online_harvest_feeds_every_layer_like_its_own_run(small_world, tmp_path):
+    """Online, one forward to the deepest layer fills one buffer for every layer; the SAE of layer 2 in a run of
+    layers 1 and 2 is bit-identical to the one a run of layer 2 alone trains (the same tokens in the same slots)."""
+    common = [sys.executable, TRAINER, "--data", str(small_world / "sharegpt4v.json"), "--expansion", "2",
+              "--lr", "1e-3", "--batch-size", "64", "--buffer-batches", "2", "--records-per-forward", "2",
+              "--total-tokens", str(64 * 6), "--load-threads", "0"]
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    for layers, out in ((["1", "2"], both), (["2"], alone)):
+        proc = _run([*common, "--layer", *layers, "--out", str(out)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (both / "saes").iterdir()) == ["L1", "L2"]
+    _same({k: v for k, v in _weights(both).items() if k.startswith("L2/")}, _weights(alone))
+    cfg = json.loads((both / "saes" / "L1" / "cfg.json").read_text())
+    assert cfg["layer"] == 1 and cfg["hook_name"].endswith("layers.1")
+
+
+@pytest.mark.parametrize("source", ["cache", "online"])
+def test_distribute_saes_trains_each_sae_on_the_global_batch(token_cache, small_world, tmp_path, source):
+    """--distribute-saes on 2 ranks: each rank trains its share, on the global batch (a cache: each owner reads
+    it; online: the ranks' tokens of a layer are gathered on its owner). Cache: the same SAEs as one process with
+    the global batch; online: the same SAEs as DDP on the same 2 ranks (up to float rounding of the mean)."""
+    data = (["--activations", str(token_cache)] if source == "cache" else
+            ["--data", str(small_world / "sharegpt4v.json"), "--buffer-batches", "2", "--records-per-forward", "2",
+             "--load-threads", "0"])
+    common = [TRAINER, *data, "--layer", "1", "2", "--expansion", "2", "3", "--lr", "1e-3",
+              "--total-tokens", str(64 * 8), "--checkpoint-every", "3"]
+    spread = _run([*TORCHRUN, *common, "--batch-size", "32", "--distribute-saes", "--out", str(tmp_path / "spread")])
+    assert spread.returncode == 0, spread.stdout[-3000:] + spread.stderr[-3000:]
+    if source == "cache":
+        ref = _run([sys.executable, *common, "--batch-size", "64", "--out", str(tmp_path / "ref")])
+    else:
+        ref = _run([*TORCHRUN, *common, "--batch-size", "32", "--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "spread")
+    assert set(a) == set(b) and len({k.split("/")[0] for k in a}) == 4
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    metrics = json.loads((tmp_path / "spread" / "metrics.json").read_text())
+    assert metrics["distribute_saes"] and metrics["world_size"] == 2 and metrics["tokens_seen"] == 64 * 8
+
+
+def test_distribute_saes_needs_an_sae_per_rank(token_cache, tmp_path):
+    proc = _run([*TORCHRUN, TRAINER, "--activations", str(token_cache), "--layer", "1", "--distribute-saes",
+                 "--batch-size", "32", "--total-tokens", "640", "--out", str(tmp_path / "run")])
+    assert proc.returncode != 0  # each worker says it in one line (torchrun's launcher adds its own report)
+    assert "error: --distribute-saes: 2 ranks for 1 SAE; each rank trains at least one" in proc.stderr
+    assert "sae-trainer.py\", line" not in proc.stderr  # no traceback from the trainer

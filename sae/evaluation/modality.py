@@ -40,7 +40,8 @@ class Config(HeldOutRecords):
     """Options for the modality analysis."""
 
     saes: tuple[Path, ...] = ()
-    """SAE folders (or trainer run folders), one per layer, all for --model."""
+    """SAE folders, or trainer run folders (a run stands for all the SAEs in its saes/), one SAE per layer, all for
+    --model."""
     image_only: float = 0.9
     """A live latent with modality score >= this is image-only."""
     text_only: float = 0.1
@@ -227,13 +228,13 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     from lineofsight.data import SkipCounter, load_image
     from lineofsight.harvest import Harvester, record_batches
     from lineofsight.models import check_model
-    from lineofsight.sae import check_sae_fits, load_sae
+    from lineofsight.sae import check_sae_fits, load_saes
     from lineofsight.toy import ensure_toy_world
 
     run.setup(seed=0, device=cfg.device)
     ensure_toy_world(cfg.data)
     records = cfg.read_records()
-    saes = [load_sae(p, run.device) for p in cfg.saes]
+    saes = load_saes(cfg.saes, run.device)  # a trainer run stands for all its SAEs
     model_source = check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
     layers = [check_sae_fits(sae, model, model_source, None) for sae in saes]
