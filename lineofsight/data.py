@@ -32,6 +32,8 @@ __all__ = [
     "MAX_RESIZE",
     "SkipCounter",
     "check_resize",
+    "check_resize_match",
+    "recorded_resize",
     "imagenet_items",
     "load_image",
     "pair_key",
@@ -221,6 +223,38 @@ def check_resize(resize: int | None, flag: str = "--resize") -> int | None:
     return resize
 
 
+UNRECORDED = "unrecorded"
+"""What :func:`recorded_resize` gives for an artifact written before its resize was recorded (nothing to check)."""
+
+
+def recorded_resize(info: dict[str, Any]) -> int | None | str:
+    """The ``resize`` an artifact's metadata records (an int, or None for full-size images), or :data:`UNRECORDED`."""
+    return info.get("resize", UNRECORDED)
+
+
+def describe_resize(resize: Any) -> str:
+    return "full-size images" if resize is None else f"{resize} x {resize} px images"
+
+
+def check_resize_match(resize: int | None | str, produced: int | None | str, what: str, allow: bool,
+                       reader: str = "") -> None:
+    """One resize convention per pipeline: images read at ``resize`` (this script's ``--resize``) must be read as
+    the ones ``what`` was made from (``produced``: an artifact's recorded resize) were, or the token counts and the
+    image grid differ from the ones the artifact describes. :class:`UserError` naming both, unless ``allow``
+    (``--allow-resize-mismatch``) or either side predates the record (:data:`UNRECORDED`). ``reader`` names the
+    other artifact when two artifacts are compared (no images read here, so no ``--resize`` to fix)."""
+    if allow or UNRECORDED in (resize, produced) or produced == resize:
+        return
+    if reader:
+        raise UserError(f"{reader} was made from {describe_resize(resize)}, but {what} from "
+                        f"{describe_resize(produced)} (a different image-token count and grid); use a matching "
+                        "pair, or --allow-resize-mismatch")
+    fix = "none" if produced is None else produced
+    raise UserError(f"--resize {'none' if resize is None else resize} reads {describe_resize(resize)}, but {what} "
+                    f"was made from {describe_resize(produced)} (a different image-token count and grid); pass "
+                    f"--resize {fix}{' (or leave it out)' if produced is None else ''}, or --allow-resize-mismatch")
+
+
 def load_image(path: Path | str, skips: SkipCounter | None = None, resize: int | None = None) -> Image.Image | None:
     """RGB image at ``path`` (optionally resized to ``resize`` x ``resize``), or None, counted in ``skips``.
 
@@ -349,8 +383,18 @@ class HeldOutRecords:
     """Model dtype."""
     device: str | None = None
     """Device: cpu, cuda or cuda:N (default: GPU if there is one, else cpu)."""
+    resize: int | None = None
+    """Resize images to N x N px before the processor (the paper: 336); must match the resize the SAE was trained
+    at (its cfg.json), see --allow-resize-mismatch."""
+    load_threads: int = 2
+    """Threads that decode and preprocess (the processor) the next batches' images while the model runs (0: none)."""
+    allow_resize_mismatch: bool = False
+    """Run even when --resize differs from the SAE's (a different image-token count and grid: normally a mistake)."""
 
     def __post_init__(self) -> None:
+        check_resize(self.resize)
+        if self.load_threads < 0:
+            raise UserError("--load-threads must be >= 0")
         if self.batch_size < 1 or self.max_caption_tokens < 1:
             raise UserError("--batch-size and --max-caption-tokens must be positive")
         if self.offset < 0:

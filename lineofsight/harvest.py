@@ -12,12 +12,22 @@ For each ShareGPT4V-format record, two forward passes (as in the paper):
 Both passes trace every requested layer at once (``layer`` = input of decoder block ``layer``)
 and stop after the deepest one. Batches are right-padded, so a caption can be cut at
 ``max_caption_tokens`` by dropping trailing columns.
+
+**Preprocessing off the critical path.** Pass 1's processor call (resizing and normalising the
+image into LLaVA-NeXT's patches, tokenising with the image-token expansion) costs about as much
+as decoding the image. ``Harvester.prepare`` (a :class:`RecordPreparer`) runs it on one record;
+:class:`ImageLoader` (``prepare=``) runs it in its background threads right after decoding, and
+:meth:`Harvester.collate` assembles a batch of the :class:`PreparedRecord` s it makes into exactly
+the tensors of the batched processor call (``tests/test_harvest_workers.py`` checks torch.equal).
+The harvester takes such records wherever it takes images.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +37,8 @@ from lineofsight.hooks import TraceDict
 from lineofsight.models import format_prompt, image_token_mask, residual_site
 from lineofsight.prompts import CAPTION_QUESTION
 
-__all__ = ["TOKEN_TYPES", "Harvester", "ImageLoader", "TokenBatch", "record_batches"]
+__all__ = ["TOKEN_TYPES", "Harvester", "ImageLoader", "PreparedRecord", "RecordPreparer", "TokenBatch",
+           "record_batches"]
 
 TOKEN_TYPES: tuple[str, ...] = ("image", "text_in_context", "text_only")
 """Token-type codes: index in this tuple (``image`` = 0, ``text_in_context`` = 1, ``text_only`` = 2)."""
@@ -67,6 +78,48 @@ class TokenBatch:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(TokenBatch)}
 
 
+@dataclasses.dataclass
+class PreparedRecord:
+    """Pass 1's model inputs for one record, made ahead of use: the processor's output for the
+    single pair (prompt + caption, image), unpadded: ``input_ids [1, T]``, ``attention_mask [1, T]``,
+    ``pixel_values`` (``[1, n_patches, 3, H, W]`` for LLaVA-NeXT, ``[1, 3, H, W]`` for LLaVA-1.5) already
+    in the model's dtype, ``image_sizes [1, 2]`` where the processor gives it."""
+
+    caption: str
+    inputs: dict[str, torch.Tensor]
+
+
+class RecordPreparer:
+    """Runs the processor on one (caption, image) pair (``Harvester.prepare``); safe to call from
+    several threads at once, and picklable (it holds no model).
+
+    Each thread uses its own copy of the processor: a fast tokenizer's settings are shared Rust
+    state, and the harvester's padded calls in the main thread change them (padding side, padding)
+    while a worker encodes.
+    """
+
+    def __init__(self, processor: Any, prompt: str, pixel_dtype: torch.dtype) -> None:
+        self.processor, self.prompt, self.pixel_dtype = processor, prompt, pixel_dtype
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def __call__(self, caption: str, image: Any) -> PreparedRecord:
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = self._local.processor = copy.deepcopy(self.processor)
+        out = processor(text=[self.prompt + " " + caption], images=[image], return_tensors="pt")
+        inputs = dict(out.items())
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
+        return PreparedRecord(caption, inputs)
+
+
 class Harvester:
     """Reads ``layers`` of ``model`` over records; see the module docstring.
 
@@ -98,6 +151,9 @@ class Harvester:
         self.n_prompt = len(self.tok(self.prompt)["input_ids"])  # prompt with one image placeholder
         self.n_special = len(self.tok("")["input_ids"])  # BOS (or nothing) before a bare caption
         self.device = next(model.parameters()).device
+        self.prepare = RecordPreparer(processor, self.prompt, next(model.parameters()).dtype)
+        """``prepare(caption, image)`` -> :class:`PreparedRecord`: pass 1's processor call for one record,
+        to run in a worker (``ImageLoader(..., prepare=harvester.prepare)``)."""
 
     # ---- positions -----------------------------------------------------------------------------
 
@@ -130,10 +186,42 @@ class Harvester:
             self.tok.padding_side = side
         return {k: v.to(self.device) for k, v in out.items()}
 
+    def collate(self, records: Sequence[PreparedRecord]) -> dict[str, torch.Tensor]:
+        """The batch of ``records`` as ``processor(text=..., images=..., padding=True)`` with right padding
+        gives it: token rows right-padded (``input_ids`` with the pad id, ``token_type_ids`` with the pad
+        type id, the rest with 0), ``pixel_values [B, n_patches, 3, H, W]`` zero-padded over the patch
+        dimension (the image processor's padding for batching), the rest concatenated."""
+        text_pad = {"input_ids": self.tok.pad_token_id, "token_type_ids": self.tok.pad_token_type_id}
+        width = max(r.inputs["input_ids"].shape[1] for r in records)
+        out = {}
+        for key in records[0].inputs:
+            parts = [r.inputs[key] for r in records]
+            if key in self.tok.model_input_names:
+                pad = text_pad.get(key, 0)
+                if pad is None:
+                    raise UserError(f"{type(self.tok).__name__} has no pad token; cannot batch records")
+                parts = [torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad) for x in parts]
+            elif key == "pixel_values" and parts[0].dim() == 5:
+                n_patches = max(x.shape[1] for x in parts)
+                parts = [torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 0, n_patches - x.shape[1])) for x in parts]
+            out[key] = torch.cat(parts)
+        return out
+
+    def _pass1_inputs(self, captions: Sequence[str], images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Pass 1's right-padded inputs on the device, from images (the batched processor call) or from
+        :class:`PreparedRecord` s of the same captions (collated)."""
+        prepared = [isinstance(x, PreparedRecord) for x in images]
+        if not any(prepared):
+            return self._right_padded(text=[self.prompt + " " + c for c in captions], images=list(images))
+        if not all(prepared) or [r.caption for r in images] != list(captions):
+            raise ValueError("pass PreparedRecords for every record of a batch, made from the same captions")
+        return {k: v.to(self.device) for k, v in self.collate(images).items()}
+
     # ---- harvesting ----------------------------------------------------------------------------
 
     def __call__(self, captions: Sequence[str], images: Sequence[Any], sample_ids: Sequence[int]) -> TokenBatch:
-        """Tokens of one batch of (caption, image) pairs; ``sample_ids`` tag their tokens."""
+        """Tokens of one batch of (caption, image) pairs; ``sample_ids`` tag their tokens. ``images`` may
+        instead hold the records' :class:`PreparedRecord` s (``self.prepare(caption, image)``)."""
         parts: list[TokenBatch] = []
         if "image" in self.types or "text_in_context" in self.types:
             parts.append(self._with_image(captions, images, sample_ids))
@@ -145,13 +233,19 @@ class Harvester:
         inputs, keep, kind = self.prepare_with_image(captions, images)
         return self._gather(self._run(inputs), keep, kind, inputs["input_ids"], sample_ids)
 
+    def run_prepared(self, records: Sequence[PreparedRecord], sample_ids: Sequence[int]) -> TokenBatch:
+        """Tokens of one batch of prepared records (``self.prepare``); the same as ``self(captions,
+        images, sample_ids)`` on the records' captions and images."""
+        return self([r.caption for r in records], records, sample_ids)
+
     def prepare_with_image(
         self, captions: Sequence[str], images: Sequence[Any]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Right-padded model inputs of pass 1, cut after the last kept position, with the kept
         positions ``[B, T]`` and their type codes ``[B, T]`` (-1 where not kept). The caption
-        positions are kept whenever ``text_in_context`` is asked for; the codes say which is which."""
-        inputs = self._right_padded(text=[self.prompt + " " + c for c in captions], images=list(images))
+        positions are kept whenever ``text_in_context`` is asked for; the codes say which is which.
+        ``images`` holds images or the records' :class:`PreparedRecord` s."""
+        inputs = self._pass1_inputs(captions, images)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
         ids, attn = inputs["input_ids"], inputs["attention_mask"].bool()
@@ -203,13 +297,19 @@ class ImageLoader:
     it was never scheduled. Skips are merged when an image is taken, so they add up in the order
     of use, whatever order the threads finish in. With ``threads=0`` nothing runs in the
     background. PIL releases the GIL while it decodes, so decoding overlaps the model's forward.
+
+    With ``prepare`` (``Harvester.prepare``) the threads also run it on the decoded image and
+    ``get`` returns ``prepare(record.caption, image)`` (a :class:`PreparedRecord`) instead of the
+    image: the processor's resizing and normalising (numpy and PIL, which also release the GIL for
+    most of it) then overlap the forward too.
     """
 
-    def __init__(self, records: Sequence[Any], image_root: Any, threads: int = 0) -> None:
+    def __init__(self, records: Sequence[Any], image_root: Any, threads: int = 0, resize: int | None = None,
+                 prepare: Callable[[str, Any], Any] | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
         from pathlib import Path
 
-        self.records, self.root = records, Path(image_root)
+        self.records, self.root, self.resize, self.prepare = records, Path(image_root), resize, prepare
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="images") if threads > 0 else None
         self.pending: dict[int, Any] = {}
 
@@ -217,7 +317,10 @@ class ImageLoader:
         from lineofsight.data import SkipCounter, load_image
 
         skips = SkipCounter()
-        return load_image(self.root / self.records[i].image, skips), skips.to_dict()
+        image = load_image(self.root / self.records[i].image, skips, self.resize)
+        if image is not None and self.prepare is not None:
+            image = self.prepare(self.records[i].caption, image)
+        return image, skips.to_dict()
 
     def want(self, indices: Sequence[int]) -> None:
         if self.pool is not None:
@@ -232,7 +335,8 @@ class ImageLoader:
         return image
 
     def batch(self, indices: Sequence[int], skips: Any) -> tuple[list[int], list[str], list[Any]]:
-        """``(indices, captions, images)`` of the readable records among ``indices``."""
+        """``(indices, captions, images)`` of the readable records among ``indices`` (with ``prepare``,
+        their prepared records in place of the images)."""
         idx, captions, images = [], [], []
         for i in indices:
             image = self.get(i, skips)
@@ -250,13 +354,17 @@ class ImageLoader:
 
 
 def record_batches(records: Sequence[Any], indices: Sequence[int], image_root: Any, batch_size: int,
-                   skips: Any, threads: int = 0, ahead: int = 2) -> Any:
+                   skips: Any, threads: int = 0, ahead: int = 2, resize: int | None = None,
+                   prepare: Callable[[str, Any], Any] | None = None) -> Any:
     """Yield ``(indices, captions, images)`` batches of the records at ``indices``; a record whose
     image is missing or unreadable is counted in ``skips`` and left out (a batch may be empty).
-    With ``threads`` > 0 the images of the next ``ahead`` batches are decoded in the background."""
+    With ``threads`` > 0 the images of the next ``ahead`` batches are decoded in the background;
+    ``resize`` (``--resize``) makes each image ``resize`` x ``resize`` px as it is decoded. With
+    ``prepare=harvester.prepare`` the threads also run the processor and ``images`` holds the
+    :class:`PreparedRecord` s, which ``harvester(captions, images, indices)`` takes as it takes images."""
     indices = list(indices)
     batches = [indices[lo : lo + batch_size] for lo in range(0, len(indices), batch_size)]
-    loader = ImageLoader(records, image_root, threads)
+    loader = ImageLoader(records, image_root, threads, resize, prepare)
     try:
         for b, batch in enumerate(batches):
             for upcoming in batches[b : b + 1 + ahead]:

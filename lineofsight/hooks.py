@@ -444,7 +444,7 @@ class TraceDict(OrderedDict):
 
 @contextlib.contextmanager
 def fork_batch(
-    module: nn.Module, names: list[str], variants: Callable[[torch.Tensor], list[torch.Tensor]]
+    module: nn.Module, names: list[str], variants: Callable[[torch.Tensor], list[torch.Tensor]], rows: int | None = None
 ) -> Iterator[None]:
     """Run the rest of a forward pass on several variants of one module's input at once.
 
@@ -457,6 +457,11 @@ def fork_batch(
     times, and the model's output has ``V * B`` rows: ``out.unflatten(0, (V, B))[v]`` is what a
     forward with ``h`` replaced by ``variants(h)[v]`` gives. A forward with a KV cache is refused:
     the cache would be filled for B rows by the early blocks and V * B by the late ones.
+
+    ``rows``: each module in ``names`` runs its V * B rows ``rows`` at a time (every batch-shaped argument
+    cut alike, the outputs concatenated), so only the V * B residual is V times a plain forward's, not the
+    blocks' activations (attention, the MLP's wider hidden layer): the same numbers up to the rounding of
+    smaller matrix products.
     """
     resolved = resolve_modules(module, names)
     first = resolved[0][1]
@@ -487,9 +492,43 @@ def fork_batch(
             h = torch.cat(forks, 0)
         return (h, *(expand(a) for a in rest)), {k: expand(v) for k, v in kwargs.items()}
 
+    def in_rows(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            n = state["B"] * state["V"]
+            if rows is None or n <= rows:
+                return forward(*args, **kwargs)
+
+            def cut(value: Any, lo: int) -> Any:
+                if isinstance(value, tuple):
+                    return tuple(cut(v, lo) for v in value)
+                if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[0] == n:
+                    return value[lo : lo + rows]
+                return value
+
+            result, rest = None, None
+            for lo in range(0, n, rows):  # each chunk's output goes straight into one [n, ...] tensor
+                out = forward(*(cut(a, lo) for a in args), **{k: cut(v, lo) for k, v in kwargs.items()})
+                if not isinstance(out, torch.Tensor):
+                    if any(x is not None for x in out[1:]):
+                        raise ValueError("fork_batch(rows=...) needs modules whose outputs are the hidden states alone")
+                    out, rest = out[0], tuple(out[1:])
+                if result is None:
+                    result = out.new_empty(n, *out.shape[1:])
+                result[lo : lo + len(out)] = out
+                del out
+            return result if rest is None else (result, *rest)
+
+        return run
+
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for _, m in resolved]
+    if rows is not None:
+        for _, m in resolved:
+            m.forward = in_rows(m.forward)  # an instance attribute over the class's method, removed below
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        if rows is not None:
+            for _, m in resolved:
+                del m.forward

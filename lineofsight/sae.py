@@ -89,6 +89,8 @@ class SAEConfig:
     """provenance: the module whose input is read"""
     token_types: tuple[str, ...] = ()
     """provenance: the token types it was trained on"""
+    resize: int | None = None
+    """provenance: the square side (px) the training images were resized to before the processor; None: full size"""
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -124,7 +126,7 @@ class SAEConfig:
 _FIELD_KINDS: dict[str, Any] = {
     "d_in": int, "d_sae": int, "k": int, "aux_k": int, "dead_after_tokens": int,
     "l1_coefficient": float, "aux_coefficient": float, "act_scale": float, "decoder_init_norm": float,
-    "threshold": (float, None), "layer": (int, None), "token_types": list,
+    "threshold": (float, None), "layer": (int, None), "token_types": list, "resize": (int, None),
 }
 _KIND_NAMES = {int: "an integer", float: "a number", (float, None): "a number or null",
                (int, None): "an integer or null", list: "a list of strings", str: "a string"}

@@ -59,6 +59,9 @@ class Config:
     """Device to train on ('cuda' for the 7B's 4096-wide features over 50k images)."""
     overwrite: bool = False
     """Replace the outputs of an earlier run of this script in --out (nothing else in it is touched)."""
+    allow_resize_mismatch: bool = False
+    """--features sae: run even when the cache's images were resized otherwise than the SAE's training images (a
+    different image-token count and grid: normally a mistake)."""
     features: Literal["residual", "sae"] = "residual"
     """'residual': probe the pooled residual at every cached layer. 'sae': probe the latents of --sae
     (encoding the pooled residual at the SAE's layer): a dense probe on all latents, then sparse
@@ -286,9 +289,12 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
             if name not in names:
                 raise UserError(f"--pairs: class {name!r} is not in the activation cache (classes: {', '.join(names)})")
     if cfg.features == "sae":
+        from lineofsight.data import check_resize_match, recorded_resize
         from lineofsight.sae import load_sae
 
         sae_cfg = load_sae(cfg.sae, "cpu").cfg  # checked before any probe is trained
+        check_resize_match(sae_cfg.resize, recorded_resize(meta.get("key", {})), f"the activation cache {cfg.activations}",
+                           cfg.allow_resize_mismatch, reader=f"the SAE {cfg.sae}")
         if sae_cfg.layer not in meta["layers"]:
             raise UserError(f"--sae reads layer {sae_cfg.layer}; the activation cache holds layers {meta['layers']}")
         if sae_cfg.d_in != acts.shape[-1]:

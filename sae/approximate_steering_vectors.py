@@ -59,6 +59,9 @@ class Config:
     """Output folder (refused when it holds an earlier run of this script, unless --overwrite)."""
     overwrite: bool = False
     """Replace the outputs of an earlier run in --out (other files there are kept)."""
+    allow_resize_mismatch: bool = False
+    """Run even when the vectors were computed from images of another size than the SAE's training images (a
+    different image-token count and grid: normally a mistake)."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -156,7 +159,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     import torch
 
     from lineofsight.cli import UserError
-    from lineofsight.data import parse_pair
+    from lineofsight.data import check_resize_match, parse_pair, recorded_resize
     from lineofsight.sae import load_sae
     from lineofsight.steering import load_vectors
 
@@ -170,6 +173,8 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     if sae.cfg.layer is not None and layer != sae.cfg.layer:
         raise UserError(f"--layer {layer}: the SAE reads layer {sae.cfg.layer}")
     vectors, info = load_vectors(cfg.vectors, layer)
+    check_resize_match(sae.cfg.resize, recorded_resize(info), f"the steering vectors in {cfg.vectors}",
+                       cfg.allow_resize_mismatch, reader=f"the SAE {cfg.sae}")
     if not vectors:
         raise UserError(f"--vectors {cfg.vectors} holds no vectors for layer {layer}")
     names = sorted(vectors)

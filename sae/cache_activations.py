@@ -60,6 +60,9 @@ class Config:
     """Records per forward pass."""
     load_threads: int = 4
     """Threads that decode the images of the next batches while the model runs (0: none)."""
+    resize: int | None = None
+    """Resize images to N x N px before the processor (the paper: 336: 1,176 image tokens for LLaVA-NeXT); recorded
+    in the cache's key and in every SAE trained on it."""
     dtype: Dtype = "float32"
     """Model dtype."""
     save_dtype: Dtype | None = None
@@ -85,6 +88,9 @@ class Config:
             raise UserError("--limit must be positive")
         if self.load_threads < 0:
             raise UserError("--load-threads must be >= 0")
+        from lineofsight.data import check_resize
+
+        check_resize(self.resize)
 
 
 @lifecycle("sae/cache_activations.py", outputs=CACHE_OUTPUTS, resumable=True)
@@ -139,6 +145,7 @@ def main(cfg: Config, run: Run) -> Path:
         "records_per_shard": cfg.records_per_shard,
         "dtype": cfg.dtype,
         "save_dtype": save_dtype_name,
+        **({"resize": cfg.resize} if cfg.resize is not None else {}),  # absent: full size (caches from before keep their hash)
     }
     cache, complete = open_cache(run, cfg.out, key, cfg.overwrite, "tokens")
     if complete:
@@ -160,7 +167,8 @@ def main(cfg: Config, run: Run) -> Path:
         # Each forward's tokens go to the shard file as they come: memory holds one forward, never a shard.
         with TokenShardWriter(cache, shard, len(layers), d_model, save_dtype) as writer:
             for idx, captions, images in record_batches(records, range(lo, hi), image_root, cfg.batch_size, skips,
-                                                        cfg.load_threads):
+                                                        cfg.load_threads, resize=cfg.resize,
+                                                        prepare=harvester.prepare):
                 run.check_alive()
                 if idx:
                     writer.add(harvester(captions, images, idx))

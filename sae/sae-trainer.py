@@ -127,6 +127,9 @@ class Config:
     nothing; float32 on request). Batches reach the SAE as float32."""
     records_per_forward: int = 8
     """Online mode: records per harvesting forward pass."""
+    resize: int | None = None
+    """Online mode: resize images to N x N px before the processor (the paper: 336: 1,176 image tokens for LLaVA-NeXT),
+    recorded in each SAE's cfg.json. With --activations the cache's resize is used (another value is refused)."""
     load_threads: int = 4
     """Online mode: threads that decode the images of the next forward passes while the model runs (0: none)."""
     max_caption_tokens: int = 128
@@ -210,12 +213,15 @@ class Config:
             raise UserError("--step-delay must be >= 0")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
+        from lineofsight.data import check_resize
+
+        check_resize(self.resize)
 
 
 # Fields that must agree between a run and its --resume (the rest may change, e.g. --log-every). The
 # layers are compared with the checkpoint's SAEs instead: a default (none given) resolves to a number.
 RESUME_KEYS = ("model", "data", "limit", "activations", "types", "activation", "expansion", "k", "l1_coefficient",
-               "distribute_saes", "l1_warmup_frac", "lr", "lr_decay_frac", "batch_size", "total_tokens",
+               "distribute_saes", "resize", "l1_warmup_frac", "lr", "lr_decay_frac", "batch_size", "total_tokens",
                "buffer_batches", "buffer_dtype", "records_per_forward", "max_caption_tokens", "dead_after_tokens",
                "aux_k", "seed")
 
@@ -288,7 +294,8 @@ class OnlineSource:
         self.stage_types = torch.zeros(0, dtype=torch.uint8, device=self.device)
         self.image_root = cfg.image_root or cfg.data.parent
         self._order: list[int] | None = None
-        self.loader = ImageLoader(records, self.image_root, cfg.load_threads)
+        self.loader = ImageLoader(records, self.image_root, cfg.load_threads, cfg.resize,
+                                  prepare=getattr(harvester, "prepare", None))
 
     def _my_records(self) -> list[int]:
         import torch
@@ -457,11 +464,12 @@ class CacheSource:
         out = []
         while len(out) < self.global_batch:
             epoch, offset = divmod(start + len(out), n)
-            if epoch != self._perm_epoch:
+            if epoch != self._perm_epoch:  # int32 (the same order as int64's): 4 bytes a token, 2 GB at 0.5 B
                 g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
-                self._perm, self._perm_epoch = torch.randperm(n, generator=g), epoch
+                dtype = torch.int32 if n < 2**31 else torch.int64
+                self._perm, self._perm_epoch = torch.randperm(n, generator=g, dtype=dtype), epoch
             out += self._perm[offset : offset + self.global_batch - len(out)].tolist()
-        return torch.tensor(out)
+        return torch.tensor(out, dtype=torch.long)
 
     def next_batch(self, step: int) -> tuple[Any, Any]:
         """``(acts [n, len(layers), d_model] in the cache's dtype, types [n])`` on the device: n = B, or the
@@ -771,6 +779,8 @@ class Data:
     """The model the tokens come from (resolved path or HF id)."""
     hook_names: dict[int, str] = dataclasses.field(default_factory=dict)
     """Per layer, the module whose input is read (online mode; none for a cache)."""
+    resize: int | None = None
+    """The square side the images were resized to (None: full size)."""
 
 
 @dataclasses.dataclass
@@ -815,11 +825,15 @@ def load_data(cfg: Config, run: Run) -> Data:
     info = run.info
     if cfg.activations is not None:
         from lineofsight.cache import open_token_cache
+        from lineofsight.data import check_resize_match
 
         layers = sorted(cfg.layer) if cfg.layer else [open_token_cache(cfg.activations, None, cfg.types).layer]
         rows = open_token_cache(cfg.activations, layers, cfg.types)  # read lazily, step by step
+        resize = rows.meta["key"].get("resize")  # caches from before --resize: full-size images
+        if cfg.resize is not None:
+            check_resize_match(cfg.resize, resize, f"the token cache {rows.cache}", False)
         return Data(CacheSource(cfg, rows, rows.types, layers, info.rank, info.world_size, info.device),
-                    layers, rows.d_model, rows.meta["key"]["model"])
+                    layers, rows.d_model, rows.meta["key"]["model"], resize=resize)
 
     from lineofsight.data import read_sharegpt4v
     from lineofsight.harvest import Harvester
@@ -842,7 +856,7 @@ def load_data(cfg: Config, run: Run) -> Data:
     harvester.check_boundary(records[0].caption)
     source = OnlineSource(cfg, harvester, records, info.rank, info.world_size, info.device)
     return Data(source, layers, text_config(model).hidden_size, model_source,
-                {layer: residual_site(model, layer) for layer in layers})
+                {layer: residual_site(model, layer) for layer in layers}, cfg.resize)
 
 
 def mine_only(cfg: Config, data: Data, specs: list[Spec], run: Run) -> None:
@@ -903,7 +917,8 @@ def init_training(cfg: Config, run: Run, data: Data, specs: list[Spec]) -> Train
         sae_cfg = SAEConfig(d_in=data.d_in, d_sae=spec.d_sae, activation=cfg.activation, k=spec.k,
                             l1_coefficient=spec.l1_coefficient, aux_k=cfg.aux_k,
                             dead_after_tokens=cfg.dead_after_tokens, model=data.model, layer=spec.layer,
-                            hook_name=data.hook_names.get(spec.layer, ""), token_types=cfg.types)
+                            hook_name=data.hook_names.get(spec.layer, ""), token_types=cfg.types,
+                            resize=data.resize)
         sae = SparseAutoencoder(sae_cfg, seed=cfg.seed).to(info.device)
         units.append(Unit(spec, sae, torch.optim.Adam(sae.parameters(), lr=cfg.lr),
                           torch.zeros(spec.d_sae, dtype=torch.long, device=info.device)))

@@ -104,8 +104,10 @@ def main(cfg: Config, run: Run) -> Path:
             entries.append({"src": src, "tgt": tgt, "layer": layer, "norm": float(v.norm()),
                             "n_src": len(by_class[src]), "n_tgt": len(by_class[tgt]),
                             "mean_src_norm": float(mean_src.norm()), "mean_tgt_norm": float(mean_tgt.norm())})
+    key = meta.get("key", {})
+    resize = {"resize": key["resize"]} if "resize" in key else {}  # the images' size, for every consumer to check
     save_vectors(run.out, vectors, {"method": cfg.method, "activations": str(cfg.activations), "pool": meta["pool"],
-                                    "vectors": entries})
+                                    **resize, "vectors": entries})
     run.finish(f"wrote {len(vectors)} vectors ({len(pairs)} pairs x {len(layers)} layers, method {cfg.method}) "
                f"to {run.out}")
     return run.out

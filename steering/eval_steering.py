@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from lineofsight.metrics import NLL_CHUNK_TOKENS
 from lineofsight.models import Dtype
 from lineofsight.paths import TOY_WORLD_DIR
 from lineofsight.run import Run, lifecycle
@@ -75,9 +76,18 @@ class Config:
     """Output folder for metrics.json and the plots."""
     overwrite: bool = False
     """Replace the outputs of an earlier run of this script in --out (nothing else in it is touched)."""
+    resize: int | None = None
+    """Resize images to N x N px before the processor, as the paper (336); must match what made the input (the
+    vectors' vectors.json), see --allow-resize-mismatch."""
+    allow_resize_mismatch: bool = False
+    """Run even when --resize differs from the resize the vectors were computed at (a different image-token count
+    and grid: normally a mistake)."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
+        from lineofsight.data import check_resize
+
+        check_resize(self.resize)
 
         if not self.layer:
             raise UserError("--layer needs at least one layer")
@@ -110,7 +120,8 @@ def efficacy(model: Any, processor: Any, layer: int, cases: list[dict[str, Any]]
         inputs = vlm_inputs(model, processor, [c["image"] for _, c in batch], [c["prompt"] for _, c in batch])
         delta = torch.stack([k * c["v"] for k, c in batch])
         with torch.no_grad(), steer(model, layer, delta, inputs["input_ids"], inputs["attention_mask"], positions):
-            probs = model(**inputs, use_cache=False).logits[:, -1].float().softmax(-1)
+            # Left padding: the last position is every row's next token; only it gets logits ([B, 1, V]).
+            probs = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float().softmax(-1)
         for row, (k, c) in enumerate(batch):
             p_tgt, p_src = float(probs[row, c["tgt_id"]]), float(probs[row, c["src_id"]])
             sums[k]["p_tgt"] += p_tgt
@@ -119,13 +130,18 @@ def efficacy(model: Any, processor: Any, layer: int, cases: list[dict[str, Any]]
     return {k: {name: value / len(cases) for name, value in s.items()} for k, s in sums.items()}
 
 
+
 def steered_caption_nll(model: Any, processor: Any, layer: int, captions: list[dict[str, Any]], v: Any,
-                        strengths: list[float], positions: str, batch_size: int) -> dict[float, float]:
-    """Mean per-token NLL of the captions given image + question, with ``k * v`` added, per k."""
+                        strengths: list[float], positions: str, batch_size: int,
+                        chunk_tokens: int = NLL_CHUNK_TOKENS) -> dict[float, float]:
+    """Mean per-token NLL of the captions given image + question, with ``k * v`` added, per k.
+
+    Logits are computed for the caption tokens' predecessors only, ``chunk_tokens`` at a time
+    (:func:`lineofsight.metrics.caption_token_nll`), never for the whole ``[B, T, V]``."""
     import torch
 
-    from lineofsight.metrics import caption_nll
-    from lineofsight.models import vlm_inputs
+    from lineofsight.metrics import caption_token_nll
+    from lineofsight.models import final_hidden, vlm_inputs
     from lineofsight.steering import steer
 
     totals = dict.fromkeys(strengths, 0.0)
@@ -139,12 +155,13 @@ def steered_caption_nll(model: Any, processor: Any, layer: int, captions: list[d
         caption = torch.zeros_like(ids, dtype=torch.bool)
         for row, c in enumerate(batch):
             caption[row, ids.shape[1] - c["n_caption_tokens"] :] = True
-        n_logits = max(c["n_caption_tokens"] for c in batch) + 1  # logits only where the NLL needs them
         for k in strengths:
             delta = (k * v).expand(len(batch), -1)
             with torch.no_grad(), steer(model, layer, delta, ids, inputs["attention_mask"], positions):
-                logits = model(**inputs, use_cache=False, logits_to_keep=n_logits).logits
-            totals[k] += caption_nll(logits, ids, caption)[0]
+                hidden = final_hidden(model, inputs)
+                # One float32 sum per batch over its caption tokens in row-major order, as
+                # lineofsight.metrics.caption_nll sums full logits' cross-entropy: chunking changes nothing.
+                totals[k] += float(caption_token_nll(model, hidden, ids, caption, chunk_tokens).sum())
         count += int(caption.sum())
     return {k: total / count for k, total in totals.items()}
 
@@ -201,11 +218,13 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     from lineofsight.data import (
         ClassIndex,
         SkipCounter,
+        check_resize_match,
         imagenet_items,
         load_image,
         pair_key,
         read_class_pairs,
         read_sharegpt4v,
+        recorded_resize,
     )
     from lineofsight.models import check_layer, check_model, format_prompt
     from lineofsight.prompts import CAPTION_QUESTION, FORCED_CHOICE_TEMPLATE
@@ -218,8 +237,10 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     strengths = [round(float(k), 6) for k in (cfg.k or paper_strengths())]
     index = ClassIndex.read(cfg.imagenet_dir)
     records = read_sharegpt4v(cfg.data)
-    for layer in cfg.layer:
-        load_vectors(cfg.vectors, layer)  # every layer's vectors exist, before the model loads
+    for layer in cfg.layer:  # every layer's vectors exist and were made at --resize, before the model loads
+        _, vec_info = load_vectors(cfg.vectors, layer)
+        check_resize_match(cfg.resize, recorded_resize(vec_info), f"the steering vectors in {cfg.vectors}",
+                           cfg.allow_resize_mismatch)
     rollouts = rollout_scores(cfg.rollouts, list(cfg.layer)) if cfg.rollouts is not None else {}
     check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
@@ -235,7 +256,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     for rec in records:
         if len(captions) >= cfg.n_captions:
             break
-        image = load_image(image_root / rec.image, skips)
+        image = load_image(image_root / rec.image, skips, cfg.resize)
         if image is None:
             continue
         text = caption_prompt + " " + rec.caption
@@ -261,7 +282,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
                 print(f"warning: {src} and {tgt} start with the same token; efficacy cannot tell them apart")
             items = imagenet_items(cfg.imagenet_dir, cfg.split, [index.label(src)], index, cfg.images_per_pair)
             for i, item in enumerate(items):
-                image = load_image(cfg.imagenet_dir / item.path, skips)
+                image = load_image(cfg.imagenet_dir / item.path, skips, cfg.resize)
                 if image is None:
                     continue
                 a, b = (src, tgt) if i % 2 == 0 else (tgt, src)

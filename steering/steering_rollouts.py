@@ -67,7 +67,11 @@ class Config:
     batch_size: int = 32
     """Rollouts generated together."""
     resize: int | None = None
-    """Resize images to this square size first (the paper: 336)."""
+    """Resize images to N x N px before the processor (the paper: 336); must match what made the input (see
+    --allow-resize-mismatch)."""
+    allow_resize_mismatch: bool = False
+    """Run even when --resize differs from the resize the input was made at (a different image-token count and
+    grid: normally a mistake)."""
     dtype: Dtype = "float32"
     """Model dtype."""
     device: str | None = None
@@ -173,10 +177,12 @@ def main(cfg: Config, run: Run) -> Path:
     from lineofsight.data import (
         ClassIndex,
         SkipCounter,
+        check_resize_match,
         imagenet_items,
         load_image,
         pair_key,
         read_class_pairs,
+        recorded_resize,
     )
     from lineofsight.io import read_text
     from lineofsight.models import check_layer, check_model, format_prompt
@@ -196,6 +202,8 @@ def main(cfg: Config, run: Run) -> Path:
     info = run.setup(seed=0, device=cfg.device)
     ensure_toy_world(cfg.imagenet_dir)
     vectors, vec_info = load_vectors(cfg.vectors, cfg.layer)
+    check_resize_match(cfg.resize, recorded_resize(vec_info), f"the steering vectors in {cfg.vectors}",
+                       cfg.allow_resize_mismatch)
     pairs = read_class_pairs(cfg.pairs) if cfg.pairs else vector_pairs(vec_info)
     pairs = pairs[: cfg.n_pairs]
     for src, tgt in pairs:

@@ -134,3 +134,12 @@ def small_world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("world")
     return generate_world(root / "world", seed=0, n_train_per_class=6, n_val_per_class=2, n_captions=16)
+
+
+def pixels_only(model, monkeypatch) -> None:
+    """Make ``model.forward`` take pixels only (no precomputed image features), like a model whose forward has
+    no ``mm_encoder_outputs``: the other path of :func:`lineofsight.models.vlm_inputs`."""
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda input_ids=None, attention_mask=None, pixel_values=None,
+                        image_sizes=None, **kw: forward(input_ids=input_ids, attention_mask=attention_mask,
+                                                       pixel_values=pixel_values, image_sizes=image_sizes, **kw))

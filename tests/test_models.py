@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny, images, mistral_tokenizer
+from conftest import build_tiny, images, mistral_tokenizer, pixels_only
 
 from lineofsight.cli import UserError
 from lineofsight.models import (
@@ -164,16 +164,13 @@ def test_vlm_inputs_share_repeated_rows_and_equal_the_processor(tiny_models, kin
     tower = model.get_image_features
     monkeypatch.setattr(model, "get_image_features", lambda **kw: encoded.append(kw) or tower(**kw))
     if not features:  # a model whose forward takes pixels only
-        forward = model.forward
-        monkeypatch.setattr(model, "forward", lambda input_ids=None, attention_mask=None, pixel_values=None,
-                            image_sizes=None, **kw: forward(input_ids=input_ids, attention_mask=attention_mask,
-                                                           pixel_values=pixel_values, image_sizes=image_sizes, **kw))
+        pixels_only(model, monkeypatch)
     ours = vlm_inputs(model, processor, row_images, row_prompts)
     assert torch.equal(ours["input_ids"], ref["input_ids"])
     assert torch.equal(ours["attention_mask"], ref["attention_mask"])
     if features:
         assert "pixel_values" not in ours and len(encoded) == 1
-        assert encoded[0]["pixel_values"].shape[0] == 4  # the 4 distinct (image, prompt) pairs
+        assert encoded[0]["pixel_values"].shape[0] == 3  # the 3 distinct images
     else:
         assert "mm_encoder_outputs" not in ours and not encoded
         assert ours["pixel_values"].shape[0] == len(rows)

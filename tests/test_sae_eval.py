@@ -77,6 +77,64 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_zero_sae():
     assert res["fvu"]["all"] >= 1.0  # x_hat = 0: sum ||x||^2 >= sum ||x - mean||^2
 
 
+def _old_evaluate(model, sae, harvester, batches):
+    """eval_sae's fork before it was chunked: all seven variants in one pass, logits for the caption tail
+    (logits_to_keep), lineofsight.metrics.caption_nll; the reference the chunked path must equal (CE only)."""
+    from lineofsight.harvest import TOKEN_TYPES
+    from lineofsight.hooks import fork_batch
+    from lineofsight.metrics import caption_nll
+    from lineofsight.models import layer_names
+
+    fork_at = layer_names(model)[harvester.layers[0]:]
+    nll, n_caption = dict.fromkeys(eval_sae.RUNS, 0.0), 0
+    image_code, text_code = TOKEN_TYPES.index("image"), TOKEN_TYPES.index("text_in_context")
+    for _, captions, imgs in batches:
+        inputs, keep, kind = harvester.prepare_with_image(captions, imgs)
+        ids, caption = inputs["input_ids"], kind == text_code
+        masks = {"image": kind == image_code, "text": caption, "all": (kind == image_code) | caption}
+
+        def variants(x, keep=keep, masks=masks):
+            recon = torch.zeros_like(x)
+            recon[keep] = sae(x[keep])[0].to(x.dtype)
+            out = [x]
+            for splice in eval_sae.SPLICES:
+                where = masks[splice][..., None]
+                out += [torch.where(where, torch.zeros_like(x), x), torch.where(where, recon, x)]
+            return out
+
+        first = int(caption.int().argmax(1)[caption.any(1)].min())
+        with torch.no_grad(), fork_batch(model, fork_at, variants):
+            logits = model(**inputs, use_cache=False, logits_to_keep=ids.shape[1] - first + 1).logits
+        for run, logits_BTV in zip(eval_sae.RUNS, logits.unflatten(0, (len(eval_sae.RUNS), ids.shape[0]))):
+            value, count = caption_nll(logits_BTV, ids, caption)
+            nll[run] += value
+        n_caption += count
+    return {k: v / n_caption for k, v in nll.items()}
+
+
+def test_chunked_fork_equals_one_pass():
+    """--fork-rows, the SAE's token chunks and the caption-logit chunks change no result: the same CE as
+    the one-pass fork over full caption-tail logits, and the same sparsity/reconstruction metrics (up to the
+    float32 rounding of the SAE's products on fewer rows)."""
+    model, processor = build_tiny("next-mistral", n_layers=3, seed=4)
+    harvester = Harvester(model, processor, [1], max_caption_tokens=32)
+    captions = ["A red ball lies on green grass.", "Three birds sit on a wire against a grey sky.", "A cat."]
+    batches = [([0, 1], captions[:2], images([(32, 32), (64, 32)], seed=5)), ([2], captions[2:], images([(32, 64)]))]
+    sae = SparseAutoencoder(SAEConfig(d_in=64, d_sae=256, activation="topk", k=8), seed=3).eval()
+    ref = _old_evaluate(model, sae, harvester, batches)
+    results = [eval_sae.evaluate(model, sae, harvester, batches, 0.1, fork_rows=rows, nll_chunk_tokens=nll_chunk,
+                                 sae_chunk_latents=sae_chunk)
+               for rows, nll_chunk, sae_chunk in ((14, 4096, 2**26), (None, 3, 256 * 5), (3, 7, 256), (1, 1, 2**26))]
+    for res in results:
+        for run in eval_sae.RUNS:
+            assert res["ce"][run] == pytest.approx(ref[run], rel=1e-6, abs=1e-6), run
+        assert res["ce"]["sae/all"] != res["ce"]["clean"]
+        assert res["n_caption_tokens"] == results[0]["n_caption_tokens"]
+        for metric in ("l0", "fvu", "cosine", "dead_frac", "dense_frac", "n_tokens"):
+            for g in eval_sae.GROUPS:
+                assert res[metric][g] == pytest.approx(results[0][metric][g], rel=1e-6, abs=1e-9), (metric, g)
+
+
 def test_modality_scores_image_only_text_only_and_shared():
     st = modality.LatentStats(d_sae=4, top_k=2)
     types = torch.tensor([0, 0, 1, 2, 2])
@@ -225,3 +283,22 @@ def test_eval_bad_input_is_one_line_exit_2(toy_sae, tmp_path, kind):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, proc.stderr[-2000:]
+
+
+def test_eval_resize_mismatch_is_one_line_exit_2(toy_sae, tmp_path):
+    """An SAE trained at another resize: refused before the model loads (a model that does not exist is never
+    reached), one line, exit 2; --allow-resize-mismatch runs anyway."""
+    world, run = toy_sae
+    sae = SparseAutoencoder.load(run / "saes" / "L2")
+    sae.cfg.resize = 48
+    sae.save(tmp_path / "sae")
+    args = ["sae/evaluation/eval_sae.py", "--sae", str(tmp_path / "sae"), "--data", str(world / "sharegpt4v.json"),
+            "--offset", "64", "--limit", "2"]
+    proc = _run([*args, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --resize none reads full-size images, but the SAE ") and "48 x 48 px" in last \
+        and "--allow-resize-mismatch" in last, proc.stderr[-2000:]
+    proc = _run([*args, "--allow-resize-mismatch", "--out", str(tmp_path / "o")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "o" / "eval.json").read_text())["n_records"] == 2

@@ -326,3 +326,97 @@ def test_appending_after_a_torn_line_loses_no_rollout(tmp_path):
     assert merge_rollouts(tmp_path, [rec(k) for k in range(3)]) == 3
     assert [r["k"] for r in read_rollouts(tmp_path / "rollouts.jsonl")] == [0.0, 1.0, 2.0]
     assert not part.exists()
+
+
+# eval_steering in bounded memory: logits only where they are used, equal to the full-logits computation.
+
+
+def _old_caption_nll(model, processor, layer, captions, v, strengths, positions, batch_size):
+    """eval_steering's caption NLL before logits were bounded: full-sequence logits, then
+    lineofsight.metrics.caption_nll (the reference the chunked path must equal)."""
+    from lineofsight.metrics import caption_nll
+    from lineofsight.models import vlm_inputs
+
+    totals, count = dict.fromkeys(strengths, 0.0), 0
+    for lo in range(0, len(captions), batch_size):
+        batch = captions[lo : lo + batch_size]
+        inputs = vlm_inputs(model, processor, [c["image"] for c in batch], [c["text"] for c in batch])
+        ids = inputs["input_ids"]
+        caption = torch.zeros_like(ids, dtype=torch.bool)
+        for row, c in enumerate(batch):
+            caption[row, ids.shape[1] - c["n_caption_tokens"] :] = True
+        for k in strengths:
+            with torch.no_grad(), steer(model, layer, (k * v).expand(len(batch), -1), ids, inputs["attention_mask"],
+                                        positions):
+                logits = model(**inputs, use_cache=False).logits
+            totals[k] += caption_nll(logits, ids, caption)[0]
+        count += int(caption.sum())
+    return {k: total / count for k, total in totals.items()}
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 1024])
+def test_eval_steering_logits_only_where_used_equal_full_logits(tiny_models, chunk_tokens):
+    model, processor = tiny_models("next-mistral")
+    processor.tokenizer.padding_side = "left"
+    tok = processor.tokenizer
+    prompt = format_prompt(processor, "What is shown in this image?")
+    n_prompt = len(tok(prompt)["input_ids"])
+    texts = ["A red ball lies on green grass.", "Three birds.", "A small grey cat sleeps on a blue sofa by a window."]
+    captions = []
+    for image, text in zip(images([(64, 64), (48, 80), (32, 32)], seed=3), texts):
+        full = prompt + " " + text
+        captions.append({"image": image, "text": full, "n_caption_tokens": len(tok(full)["input_ids"]) - n_prompt})
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    strengths = [0.0, 4.0]
+    for batch_size in (2, 3):  # padding inside a batch, and a ragged last batch
+        new = eval_script.steered_caption_nll(model, processor, 2, captions, v, strengths, "image", batch_size,
+                                              chunk_tokens=chunk_tokens)
+        old = _old_caption_nll(model, processor, 2, captions, v, strengths, "image", batch_size)
+        for k in strengths:
+            assert new[k] == pytest.approx(old[k], rel=1e-6, abs=1e-6)
+        assert new[4.0] != new[0.0]
+
+    # The forced choice: logits of the last position alone equal the last row of full logits.
+    cases = [{"image": c["image"], "prompt": format_prompt(processor, q), "v": v, "tgt_id": 5, "src_id": 9}
+             for c, q in zip(captions, ["Is it red?", "Reply either a or b.", "Which one?"])]
+    got = eval_script.efficacy(model, processor, 2, cases, strengths, "image", 4)
+    from lineofsight.models import vlm_inputs
+
+    for k in strengths:
+        inputs = vlm_inputs(model, processor, [c["image"] for c in cases], [c["prompt"] for c in cases])
+        with torch.no_grad(), steer(model, 2, k * v[None].expand(3, -1), inputs["input_ids"],
+                                    inputs["attention_mask"], "image"):
+            probs = model(**inputs, use_cache=False).logits[:, -1].float().softmax(-1)
+        assert got[k]["p_tgt"] == pytest.approx(float(probs[:, 5].mean()), rel=1e-6, abs=1e-7)
+        assert got[k]["p_src"] == pytest.approx(float(probs[:, 9].mean()), rel=1e-6, abs=1e-7)
+        assert got[k]["flip_rate"] == float((probs[:, 5] > probs[:, 9]).float().mean())
+
+
+def test_eval_steering_resize_mismatch_is_one_line_exit_2(tiny_setup, tmp_path):
+    """Vectors recorded at another resize: refused before the model loads (a model that does not exist is
+    never reached), one line, exit 2; --allow-resize-mismatch runs anyway, and a matching --resize runs."""
+    import shutil
+
+    vec = tmp_path / "vec"
+    shutil.copytree(tiny_setup["tmp"] / "vec", vec)
+    info = json.loads((vec / "vectors.json").read_text())
+    (vec / "vectors.json").write_text(json.dumps({**info, "resize": 48}))
+    world = tiny_setup["world"]
+    args = ["steering/eval_steering.py", "--vectors", str(vec), "--layer", "1", "--imagenet-dir",
+            str(world / "imagenet"), "--split", "train", "--data", str(world / "sharegpt4v.json"), "--k", "0", "5",
+            "--images-per-pair", "1", "--n-captions", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *args, "--model", str(tmp_path / "no-such-model"), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --resize none reads full-size images, but the steering vectors in") and \
+        "48 x 48 px" in last and "--allow-resize-mismatch" in last, proc.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+    base = dict(vectors=vec, layer=(1,), model=tiny_setup["model"], imagenet_dir=world / "imagenet", split="train",
+                data=world / "sharegpt4v.json", k=(0.0, 5.0), images_per_pair=1, n_captions=1)
+    for kw in ({"allow_resize_mismatch": True}, {"resize": 48}):
+        result = eval_script.main(eval_script.Config(**base, **kw, out=tmp_path / str(len(kw) + len(str(kw)))))
+        assert result["n_captions"] == 1 and set(result["metrics"]["1"]) == {"0.0", "5.0"}
+    with pytest.raises(UserError, match="--resize 0"):
+        eval_script.Config(**base, resize=0)

@@ -225,7 +225,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     import torch
 
     from lineofsight.cli import UserError
-    from lineofsight.data import SkipCounter, load_image
+    from lineofsight.data import SkipCounter, check_resize_match, load_image
     from lineofsight.harvest import Harvester, record_batches
     from lineofsight.models import check_model
     from lineofsight.sae import check_sae_fits, load_saes
@@ -235,6 +235,8 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     ensure_toy_world(cfg.data)
     records = cfg.read_records()
     saes = load_saes(cfg.saes, run.device)  # a trainer run stands for all its SAEs
+    for sae in saes:
+        check_resize_match(cfg.resize, sae.cfg.resize, f"the SAE of layer {sae.cfg.layer}", cfg.allow_resize_mismatch)
     model_source = check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
     layers = [check_sae_fits(sae, model, model_source, None) for sae in saes]
@@ -250,7 +252,8 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     skips = SkipCounter()
     root = cfg.root
     n_seen = 0
-    for idx, captions, images in record_batches(records, range(len(records)), root, cfg.batch_size, skips):
+    for idx, captions, images in record_batches(records, range(len(records)), root, cfg.batch_size, skips,
+                                                cfg.load_threads, resize=cfg.resize, prepare=harvester.prepare):
         run.check_alive()
         if not idx:
             continue
@@ -294,7 +297,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
                 if sample in seen_records:
                     continue
                 seen_records.add(sample)
-                image = load_image(Path(root) / records[sample].image)
+                image = load_image(Path(root) / records[sample].image, resize=cfg.resize)  # as harvested
                 if image is not None:
                     shown_images.append((image, value, base_patch_box(type_index, image, processor)))
             shown_texts = []
