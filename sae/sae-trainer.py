@@ -1043,14 +1043,16 @@ def train(cfg: Config, run: Run, data: Data, tr: Training) -> None:
             lr = cfg.lr * lr_factor(step, tr.n_steps, cfg.lr_decay_frac)
             warm = l1_factor(step, tr.n_steps, cfg.l1_warmup_frac)
             logging = tr.step + 1 == tr.n_steps or (tr.step + 1) % cfg.log_every == 0
-            # per SAE, [loss, sum of the weights] (float64: finite whenever they are); zeros for SAEs elsewhere
-            health = torch.zeros(len(tr.specs), 2, dtype=torch.float64, device=info.device)
+            # per SAE, [loss, sum of the weights (float64: finite whenever they are), its early-loss sum and count];
+            # zeros for SAEs elsewhere, so after the all-reduce every rank judges every SAE alike and they stop together
+            health = torch.zeros(len(tr.specs), 4, dtype=torch.float64, device=info.device)
             fired, losses, metrics = {}, torch.zeros(len(tr.specs), 3, device=info.device), {}
             for unit in tr.units:
                 terms, fired[unit.spec.name], seen = _unit_step(cfg, unit, xs[unit.spec.layer], warm, lr, autocast)
                 i = index[unit.spec.name]
                 health[i, 0] = terms[0].double()
                 health[i, 1] = _finite_sum(unit.sae.parameters())
+                health[i, 2], health[i, 3] = unit.early_loss_sum, unit.early_loss_n
                 if logging:
                     losses[i] = terms
                     if unit.spec.reporter() == info.rank:  # the last per-rank batch, as a DDP rank sees it
@@ -1062,11 +1064,11 @@ def train(cfg: Config, run: Run, data: Data, tr: Training) -> None:
             # rank: one all-reduce for all SAEs (under DDP the ranks' losses are averaged).
             dist.all_reduce(health)
             if ddp:
-                health[:, 0] /= info.world_size
-            for unit_spec, (loss, weights) in zip(tr.specs, health.tolist(), strict=True):
+                health[:, [0, 2, 3]] /= info.world_size
+            for unit_spec, (loss, weights, early_sum, early_n) in zip(tr.specs, health.tolist(), strict=True):
                 unit = next((u for u in tr.units if u.spec is unit_spec), None)
-                problem = _diverged(cfg, unit, loss) or (None if math.isfinite(weights)
-                                                         else "the update made the SAE's weights non-finite")
+                problem = _diverged(cfg, early_sum, early_n, loss) or (
+                    None if math.isfinite(weights) else "the update made the SAE's weights non-finite")
                 if problem:
                     lam = unit_spec.l1_coefficient * warm
                     raise UserError(f"SAE {unit_spec.name}: {problem} at step {step} (lr {cfg.lr:g}, lambda {lam:.3g}); "
@@ -1172,12 +1174,12 @@ def _finite_sum(tensors: Any) -> Any:
     return torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64)
 
 
-def _diverged(cfg: Config, unit: Unit | None, loss: float) -> str | None:
-    """Why ``loss`` (an SAE's, mean over the ranks) means it has diverged, or None. The reference is kept by the
-    ranks that train the SAE (``unit``); elsewhere only a non-finite loss counts."""
+def _diverged(cfg: Config, early_sum: float, early_n: float, loss: float) -> str | None:
+    """Why ``loss`` (an SAE's, mean over the ranks) means it has diverged, or None; the reference is the mean
+    of its first losses, ``early_sum / early_n`` (every rank gets it in the health all-reduce)."""
     if not math.isfinite(loss):
         return "non-finite loss"
-    early = unit.early_loss_sum / unit.early_loss_n if unit is not None and unit.early_loss_n else 0.0
+    early = early_sum / early_n if early_n else 0.0
     if cfg.diverge_factor and early > 0 and loss > cfg.diverge_factor * early:
         return (f"the loss diverged ({loss:.3g}, above --diverge-factor {cfg.diverge_factor:g} x its early value "
                 f"{early:.3g}; 0 turns the check off)")
@@ -1193,7 +1195,7 @@ def check_before_writing(cfg: Config, tr: Training, xs: dict[int, Any], warm: fl
 
     from lineofsight import dist
 
-    health = torch.zeros(len(tr.specs), 2, dtype=torch.float64, device=xs[next(iter(xs))].device if xs else None)
+    health = torch.zeros(len(tr.specs), 4, dtype=torch.float64, device=xs[next(iter(xs))].device if xs else None)
     index = {s.name: i for i, s in enumerate(tr.specs)}
     for unit in tr.units:
         dead = unit.since_fired > cfg.dead_after_tokens if cfg.activation != "relu" else None
@@ -1203,13 +1205,13 @@ def check_before_writing(cfg: Config, tr: Training, xs: dict[int, Any], warm: fl
                         for part in parts) / len(parts)
         adam = [v for state in unit.opt.state.values() for v in state.values()
                 if torch.is_tensor(v) and v.is_floating_point()]
-        health[index[unit.spec.name]] = torch.stack([after.detach().double(), _finite_sum(adam)])
+        early = torch.tensor([unit.early_loss_sum, unit.early_loss_n], dtype=torch.float64, device=health.device)
+        health[index[unit.spec.name]] = torch.cat([torch.stack([after.detach().double(), _finite_sum(adam)]), early])
     dist.all_reduce(health)
     if ddp:
-        health[:, 0] /= dist.world_size()
-    for spec, (loss, adam) in zip(tr.specs, health.tolist(), strict=True):
-        unit = next((u for u in tr.units if u.spec is spec), None)
-        problem = "non-finite Adam state" if not math.isfinite(adam) else _diverged(cfg, unit, loss)
+        health[:, [0, 2, 3]] /= dist.world_size()
+    for spec, (loss, adam, early_sum, early_n) in zip(tr.specs, health.tolist(), strict=True):
+        problem = "non-finite Adam state" if not math.isfinite(adam) else _diverged(cfg, early_sum, early_n, loss)
         if problem:
             return f"SAE {spec.name}: {problem}"
     return None

@@ -470,3 +470,17 @@ def test_distribute_saes_needs_an_sae_per_rank(token_cache, tmp_path):
     assert proc.returncode != 0  # each worker says it in one line (torchrun's launcher adds its own report)
     assert "error: --distribute-saes: 2 ranks for 1 SAE; each rank trains at least one" in proc.stderr
     assert "sae-trainer.py\", line" not in proc.stderr  # no traceback from the trainer
+
+
+def test_distribute_saes_stops_every_rank_when_one_sae_diverges(token_cache, tmp_path):
+    """Only the rank training an SAE keeps its early losses; they travel in the health all-reduce, so every rank
+    judges the divergence alike and all stop together (no rank left waiting in a collective)."""
+    start = time.time()
+    proc = _run([*TORCHRUN, TRAINER, "--activations", str(token_cache), "--layer", "1", "2", "--distribute-saes",
+                 "--lr", "1", "--batch-size", "32", "--total-tokens", str(32 * 2 * 40), "--out", str(tmp_path / "run")],
+                timeout=120)
+    assert proc.returncode != 0
+    errors = [line[line.index("error: "):] for line in proc.stderr.splitlines() if "error: " in line]  # after a bar
+    assert len(errors) == 2 and all("the loss diverged" in line for line in errors), proc.stderr[-3000:]
+    assert errors[0] == errors[1], errors  # the same SAE at the same step, on the rank that trains it and the other
+    assert time.time() - start < 100
