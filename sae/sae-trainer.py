@@ -1107,6 +1107,10 @@ def train(cfg: Config, run: Run, data: Data, tr: Training) -> None:
     finally:  # also on an error: the bar's last redraw must not follow the error line
         bar.close()
         data.source.close()
+        # The DDP wrappers go before the process group does (run.finish destroys it): a DDP reducer that
+        # outlives its gloo group can abort the process at exit ("terminate called without an active exception").
+        for unit in tr.units:
+            unit.step_fn = None
     if wandb_run is not None:
         wandb_run.finish()
 
