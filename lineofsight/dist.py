@@ -169,8 +169,13 @@ def keep_freed_cpu_memory() -> bool:
 
 
 def cleanup() -> None:
-    """Leave the process group if we joined one."""
+    """Leave the process group if we joined one: first free what may still hold its pending work (DDP
+    reducers, finished collectives' buffers; a gloo worker thread releasing them during interpreter shutdown
+    aborts the process: "terminate called without an active exception"), then destroy it."""
     if torch_dist.is_initialized():
+        import gc
+
+        gc.collect()
         torch_dist.destroy_process_group()
 
 

@@ -130,7 +130,6 @@ def efficacy(model: Any, processor: Any, layer: int, cases: list[dict[str, Any]]
     return {k: {name: value / len(cases) for name, value in s.items()} for k, s in sums.items()}
 
 
-
 def steered_caption_nll(model: Any, processor: Any, layer: int, captions: list[dict[str, Any]], v: Any,
                         strengths: list[float], positions: str, batch_size: int,
                         chunk_tokens: int = NLL_CHUNK_TOKENS) -> dict[float, float]:
