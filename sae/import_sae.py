@@ -14,6 +14,7 @@ to float rounding (tested). ``--out`` becomes an SAE folder (``sae.safetensors``
 run record) that every script taking ``--sae`` loads.
 
     python sae/import_sae.py --checkpoint sae_final_layer24_8x_norm.pkl --out runs/paper-sae-l24
+    python sae/import_sae.py --hub flybamboo/vlm-saes --file sae_final_layer8_8x_norm.pkl --out runs/paper-sae-l8
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ PAPER_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
 class Config:
     """Options for importing a released SAE."""
 
-    checkpoint: Path
-    """The released file (e.g. sae_final_layer24_8x_norm.pkl), downloaded beforehand."""
+    checkpoint: Path | None = None
+    """The released file (e.g. sae_final_layer24_8x_norm.pkl), downloaded beforehand; or --hub and --file."""
+    hub: str | None = None
+    """Download from this Hugging Face repository instead (the paper's: flybamboo/vlm-saes), with --file."""
+    file: str | None = None
+    """With --hub: the file in the repository (e.g. sae_final_layer24_8x_norm.pkl)."""
     layer: int | None = None
     """Residual-stream layer it reads (input of decoder block L); default: the number after 'layer' in the file name."""
     scale: float = 8.0
@@ -54,11 +59,26 @@ class Config:
         from lineofsight.cli import UserError
         from lineofsight.data import check_resize
 
+        if (self.checkpoint is None) == (self.hub is None) or (self.hub is None) != (self.file is None):
+            raise UserError("give --checkpoint FILE, or --hub REPO with --file NAME")
         if not math.isfinite(self.scale) or self.scale <= 0:
             raise UserError(f"--scale {self.scale}: must be a positive number")
         if self.layer is not None and self.layer < 0:
             raise UserError(f"--layer {self.layer} must be >= 0")
         check_resize(self.resize)
+
+
+def download(repo: str, name: str) -> Path:
+    """``name`` from the Hugging Face repository ``repo`` (the local cache when it is there); one line on failure."""
+    from lineofsight.cli import UserError
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id=repo, filename=name))
+    except Exception as err:  # offline, unknown repo or file, no network: all one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--hub {repo} --file {name}: cannot download ({type(err).__name__}: {first[:160]})") from None
 
 
 def read_released(path: Path) -> dict[str, Any]:
@@ -113,18 +133,19 @@ def main(cfg: Config, run: Run) -> Path:
     from lineofsight.cli import UserError
 
     run.setup(seed=0, device="cpu")
-    tensors = read_released(cfg.checkpoint)
+    checkpoint = cfg.checkpoint if cfg.checkpoint is not None else download(cfg.hub, cfg.file)
+    tensors = read_released(checkpoint)
     layer = cfg.layer
     if layer is None:
-        found = re.search(r"layer(\d+)", cfg.checkpoint.name)
+        found = re.search(r"layer(\d+)", checkpoint.name)
         if found is None:
-            raise UserError(f"no layer in the file name {cfg.checkpoint.name}; pass --layer")
+            raise UserError(f"no layer in the file name {checkpoint.name}; pass --layer")
         layer = int(found.group(1))
     sae = convert(tensors, cfg.scale, model=cfg.model, layer=layer, resize=cfg.resize,
                   token_types=("image", "text_in_context", "text_only"))
     run.open(cfg.out, overwrite=cfg.overwrite)
     sae.save(run.out)
-    run.finish(f"imported {cfg.checkpoint.name}: layer {layer}, d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}, "
+    run.finish(f"imported {checkpoint.name}: layer {layer}, d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}, "
                f"scale {cfg.scale:g}; SAE in {run.out}")
     return run.out
 

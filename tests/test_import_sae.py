@@ -84,3 +84,13 @@ def test_bad_files_are_one_line_errors(tmp_path, kind, message):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "sae").exists()
+
+
+def test_needs_one_source_and_an_offline_hub_is_one_line(tmp_path):
+    for args, message in (([], "give --checkpoint FILE, or --hub REPO with --file NAME"),
+                          (["--hub", "flybamboo/vlm-saes"], "give --checkpoint FILE, or --hub REPO with --file NAME"),
+                          (["--hub", "flybamboo/vlm-saes", "--file", "sae_final_layer8_8x_norm.pkl"],
+                           "--hub flybamboo/vlm-saes --file sae_final_layer8_8x_norm.pkl: cannot download")):
+        proc = _run(*args, "--out", str(tmp_path / "sae"))
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
