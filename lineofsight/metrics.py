@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NLL_CHUNK_TOKENS", "caption_nll", "caption_token_nll"]
+__all__ = ["NLL_CHUNK_TOKENS", "caption_nll", "caption_tail_mask", "caption_token_nll"]
 
 NLL_CHUNK_TOKENS = 1024
 """Caption tokens whose logits exist at once in :func:`caption_token_nll` (``[1024, V]`` float32: 131 MB at the 7B's
@@ -55,3 +55,12 @@ def caption_token_nll(model: Any, hidden_BTD: torch.Tensor, ids_BT: torch.Tensor
             logp_NV = unembed(h_ND[lo : lo + chunk_tokens]).float().log_softmax(-1)
             out.append(-logp_NV.gather(-1, y_N[lo : lo + chunk_tokens, None])[:, 0])
     return torch.cat(out) if out else h_ND.new_zeros(0, dtype=torch.float32)
+
+
+def caption_tail_mask(ids_BT: torch.Tensor, n_caption_tokens: list[int]) -> torch.Tensor:
+    """``[B, T]`` bool marking each left-padded row's caption: its last ``n_caption_tokens[b]`` positions."""
+    import torch
+
+    positions = torch.arange(ids_BT.shape[1], device=ids_BT.device)
+    n = torch.tensor(n_caption_tokens, device=ids_BT.device)
+    return positions[None, :] >= ids_BT.shape[1] - n[:, None]

@@ -1033,9 +1033,8 @@ if side.startswith("steer"):
     # is only what happens after the decoder (the vision tower's peak is the same on both and would hide it).
     inputs = vlm_inputs(model, processor, images, [r["text"] for r in rows])
     ids = inputs["input_ids"]
-    caption = torch.zeros_like(ids, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        caption[i, ids.shape[1] - r["n_caption_tokens"]:] = True
+    from lineofsight.metrics import caption_tail_mask
+    caption = caption_tail_mask(ids, [r["n_caption_tokens"] for r in rows])
     if side == "steer_plain":  # full logits, upcast to float32 for the NLL (the computation it replaces)
         from lineofsight.metrics import caption_nll
         def work():

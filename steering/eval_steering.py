@@ -139,7 +139,7 @@ def steered_caption_nll(model: Any, processor: Any, layer: int, captions: list[d
     (:func:`lineofsight.metrics.caption_token_nll`), never for the whole ``[B, T, V]``."""
     import torch
 
-    from lineofsight.metrics import caption_token_nll
+    from lineofsight.metrics import caption_tail_mask, caption_token_nll
     from lineofsight.models import final_hidden, vlm_inputs
     from lineofsight.steering import steer
 
@@ -150,10 +150,7 @@ def steered_caption_nll(model: Any, processor: Any, layer: int, captions: list[d
         # The image features are computed once here and reused by the forward at every k.
         inputs = vlm_inputs(model, processor, [c["image"] for c in batch], [c["text"] for c in batch])
         ids = inputs["input_ids"]
-        # Left padding: each caption's n tokens are the last n of its row.
-        caption = torch.zeros_like(ids, dtype=torch.bool)
-        for row, c in enumerate(batch):
-            caption[row, ids.shape[1] - c["n_caption_tokens"] :] = True
+        caption = caption_tail_mask(ids, [c["n_caption_tokens"] for c in batch])  # left padding: the last n
         for k in strengths:
             delta = (k * v).expand(len(batch), -1)
             with torch.no_grad(), steer(model, layer, delta, ids, inputs["attention_mask"], positions):

@@ -334,7 +334,7 @@ def test_appending_after_a_torn_line_loses_no_rollout(tmp_path):
 def _old_caption_nll(model, processor, layer, captions, v, strengths, positions, batch_size):
     """eval_steering's caption NLL before logits were bounded: full-sequence logits, then
     lineofsight.metrics.caption_nll (the reference the chunked path must equal)."""
-    from lineofsight.metrics import caption_nll
+    from lineofsight.metrics import caption_nll, caption_tail_mask
     from lineofsight.models import vlm_inputs
 
     totals, count = dict.fromkeys(strengths, 0.0), 0
@@ -342,9 +342,7 @@ def _old_caption_nll(model, processor, layer, captions, v, strengths, positions,
         batch = captions[lo : lo + batch_size]
         inputs = vlm_inputs(model, processor, [c["image"] for c in batch], [c["text"] for c in batch])
         ids = inputs["input_ids"]
-        caption = torch.zeros_like(ids, dtype=torch.bool)
-        for row, c in enumerate(batch):
-            caption[row, ids.shape[1] - c["n_caption_tokens"] :] = True
+        caption = caption_tail_mask(ids, [c["n_caption_tokens"] for c in batch])
         for k in strengths:
             with torch.no_grad(), steer(model, layer, (k * v).expand(len(batch), -1), ids, inputs["attention_mask"],
                                         positions):
@@ -420,3 +418,10 @@ def test_eval_steering_resize_mismatch_is_one_line_exit_2(tiny_setup, tmp_path):
         assert result["n_captions"] == 1 and set(result["metrics"]["1"]) == {"0.0", "5.0"}
     with pytest.raises(UserError, match="--resize 0"):
         eval_script.Config(**base, resize=0)
+
+
+def test_caption_tail_mask_marks_the_last_n_positions_of_each_row():
+    from lineofsight.metrics import caption_tail_mask
+
+    mask = caption_tail_mask(torch.zeros(3, 5, dtype=torch.long), [2, 0, 5])
+    assert mask.tolist() == [[False, False, False, True, True], [False] * 5, [True] * 5]
