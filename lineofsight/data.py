@@ -40,6 +40,7 @@ __all__ = [
     "parse_pair",
     "read_class_pairs",
     "read_sharegpt4v",
+    "resize_image",
     "select_classes",
 ]
 
@@ -278,6 +279,11 @@ def load_image(path: Path | str, skips: SkipCounter | None = None, resize: int |
         if skips is not None:
             skips.add(reason, str(path))
         return None
+    return resize_image(image, resize)
+
+
+def resize_image(image: Image.Image, resize: int | None) -> Image.Image:
+    """``image`` resized to ``resize`` x ``resize`` px (bicubic, as the paper's 336 x 336), or as it is for None."""
     if resize:
         image = image.resize((resize, resize), Image.Resampling.BICUBIC)
     return image

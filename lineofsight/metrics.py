@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NLL_CHUNK_TOKENS", "caption_nll", "caption_tail_mask", "caption_token_nll"]
+__all__ = [
+    "NLL_CHUNK_TOKENS",
+    "caption_nll",
+    "caption_tail_mask",
+    "caption_token_nll",
+    "paired_difference",
+    "wilson_interval",
+]
 
 NLL_CHUNK_TOKENS = 1024
 """Caption tokens whose logits exist at once in :func:`caption_token_nll` (``[1024, V]`` float32: 131 MB at the 7B's
@@ -64,3 +71,33 @@ def caption_tail_mask(ids_BT: torch.Tensor, n_caption_tokens: list[int]) -> torc
     positions = torch.arange(ids_BT.shape[1], device=ids_BT.device)
     n = torch.tensor(n_caption_tokens, device=ids_BT.device)
     return positions[None, :] >= ids_BT.shape[1] - n[:, None]
+
+
+Z_95 = 1.959963984540054
+"""The standard normal's 97.5 % quantile: two-sided 95 % intervals."""
+
+
+def wilson_interval(n_correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``n_correct / n`` (95 % by default); ``(0, 1)`` for ``n = 0``.
+    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0 or n correct."""
+    if n == 0:
+        return 0.0, 1.0
+    p = n_correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(a: list[bool], b: list[bool], z: float = Z_95) -> dict[str, float | int]:
+    """Accuracy of ``b`` minus that of ``a`` on the same items, with a paired 95 % interval (the mean of the
+    per-item differences in {-1, 0, 1} +- z standard errors), and the discordant counts: ``a_only`` items right
+    under ``a`` alone, ``b_only`` under ``b`` alone (McNemar's b and c)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference needs the same items on both sides ({len(a)} vs {len(b)})")
+    n = len(a)
+    d = [int(y) - int(x) for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / n if n else 0.0
+    var = sum((v - mean) ** 2 for v in d) / (n - 1) if n > 1 else 0.0
+    half = z * (var / n) ** 0.5 if n else 0.0
+    return {"diff": mean, "ci95": [mean - half, mean + half], "n": n,
+            "a_only": sum(v < 0 for v in d), "b_only": sum(v > 0 for v in d)}

@@ -12,9 +12,12 @@ Scripts never walk attribute chains such as ``model.model.language_model.layers`
   (the ``ModuleList`` of length ``num_hidden_layers`` next to the token embedding).
 - :func:`residual_site` -- where to read or edit the residual stream at ``layer``.
 - :func:`image_token_mask` -- which positions of ``input_ids`` hold image features.
-- :func:`format_prompt` -- a question in the model's prompt format.
+- :func:`format_prompt` -- a question in the model's prompt format; :func:`answer_token_ids` -- the ids of an
+  answer exactly as the model writes it after such a prompt (what teacher forcing appends).
 - :func:`final_hidden` -- the hidden states the output embedding reads, without computing logits.
 - :func:`vlm_inputs` -- model inputs for (image, prompt) rows, each distinct image preprocessed and encoded once.
+- :func:`mlp_output_directions` -- the unit output directions ``[d_mlp, d_model]`` of a block's MLP neurons (the
+  down-projection's columns).
 
 Code shipped with a model is never run: every transformers loader gets ``trust_remote_code=False``
 and a model whose configs ask for custom classes (``auto_map``) is refused up front, so
@@ -45,6 +48,7 @@ __all__ = [
     "DTYPES",
     "SUPPORTED_MODEL_TYPES",
     "Dtype",
+    "answer_token_ids",
     "check_layer",
     "check_model",
     "final_norm_name",
@@ -53,6 +57,7 @@ __all__ = [
     "image_token_mask",
     "layer_names",
     "load_vlm",
+    "mlp_output_directions",
     "n_layers",
     "position_ids",
     "residual_site",
@@ -408,6 +413,51 @@ def format_prompt(processor: Any, question: str, image: bool = True) -> str:
     return MISTRAL_TEXT_PROMPT.format(question=question)
 
 
+def answer_token_ids(processor: Any, prompt: str, answer: str) -> list[int]:
+    """The token ids of ``answer`` exactly as the model writes it after ``prompt`` (a string from
+    :func:`format_prompt`), without EOS: what teacher forcing appends to score the answer.
+
+    The assistant turn is read off the processor's chat template (render a turn, keep what precedes the
+    content: ``" "`` for LLaVA-NeXT-Mistral, whose turn is ``" " + answer + "</s>"``), else the
+    :data:`MISTRAL_PROMPT` turn ``" " + answer``. The ids are those of ``prompt + turn`` past the ids of
+    ``prompt`` alone (no special tokens added to either), so "goldfish" after ``[/INST]`` is the Mistral tokens
+    ``▁gold``, ``fish``, not those of "goldfish" tokenized alone at the start of a text (``▁gold`` is not
+    ``gold``). A one-letter answer ("A") works the same way.
+
+    Raises:
+        ValueError: naming ``answer``, when ``prompt``'s ids are not a prefix of the answered text's (the
+            answer's first token merges with the prompt's last), the answer adds no token, or the tokenizer
+            writes an unknown token (the model could not write the answer).
+    """
+    tok = processor.tokenizer
+    text = prompt + _assistant_prefix(processor) + answer
+    asked = tok(prompt, add_special_tokens=False)["input_ids"]
+    answered = tok(text, add_special_tokens=False)["input_ids"]
+    if answered[: len(asked)] != asked or len(answered) == len(asked):
+        raise ValueError(f"answer {answer!r}: its tokens after the prompt cannot be separated from the prompt's "
+                         f"(the prompt's {len(asked)} ids are not a prefix of the answered text's)")
+    ids = [int(i) for i in answered[len(asked) :]]
+    if tok.unk_token_id is not None and tok.unk_token_id in ids:
+        raise ValueError(f"answer {answer!r}: the tokenizer has no token for part of it ({tok.unk_token!r})")
+    return ids
+
+
+def _assistant_prefix(processor: Any) -> str:
+    """What the prompt format puts between the generation prompt and the answer's text (``" "`` in the
+    LLaVA-NeXT-Mistral templates); read off the chat template by rendering a turn with a marker answer."""
+    if not getattr(processor, "chat_template", None):
+        return " "  # MISTRAL_PROMPT ends with [/INST]; the model answers " " + answer
+    marker = "\ue000answer\ue000"
+    user = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+    asked = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    turn = processor.apply_chat_template(
+        [*user, {"role": "assistant", "content": [{"type": "text", "text": marker}]}], tokenize=False)
+    if not turn.startswith(asked) or marker not in turn[len(asked) :]:
+        raise ValueError("the processor's chat template does not render an assistant turn after its generation "
+                         "prompt; cannot tell how the model's answer starts")
+    return turn[len(asked) :].split(marker)[0]
+
+
 def position_ids(attention_mask_BT: torch.Tensor) -> torch.Tensor:
     """Position ids counted over each row's real tokens, so a left-padded row gets the positions it
     would have alone (a forward without them numbers the pads too and shifts every rotary angle)."""
@@ -501,3 +551,30 @@ def _preprocess_images_once(model: nn.Module, processor: Any, images: list[Any],
     out = processor(text=prompts, images=images, return_tensors="pt", padding=True)
     n_image_tokens = (out["input_ids"] == image_token_id(model)).sum(1).tolist()
     return {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}, n_image_tokens
+
+
+def mlp_output_directions(model: nn.Module, block: int) -> torch.Tensor:
+    """The output directions of decoder block ``block``'s MLP neurons: the columns of its down-projection
+    (the ``Linear`` from ``intermediate_size`` to ``hidden_size``; ``down_proj`` in Mistral, Llama and Qwen2
+    blocks), as unit-norm rows ``[d_mlp, d_model]`` in float32 on the weights' device.
+
+    Neuron ``j`` of block ``block`` adds ``act_j * W_down[:, j]`` to the residual, so these directions span what
+    the block's MLP writes into the residual stream at layer ``block + 1``. Found by structure (the one Linear of
+    that shape in the block, or the one named ``down_proj`` among several); :class:`UserError` otherwise.
+    """
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    names = layer_names(model)
+    if not 0 <= block < len(names):
+        raise UserError(f"decoder block {block} does not exist: this model has blocks 0..{len(names) - 1}")
+    cfg = text_config(model)
+    d_mlp, d_model = getattr(cfg, "intermediate_size", None), cfg.hidden_size
+    found = [(name, m) for name, m in model.get_submodule(names[block]).named_modules()
+             if isinstance(m, nn.Linear) and m.in_features == d_mlp and m.out_features == d_model]
+    if len(found) > 1:
+        found = [(name, m) for name, m in found if name.rpartition(".")[2] == "down_proj"]
+    if len(found) != 1:
+        raise UserError(f"cannot find the MLP output projection of {type(model).__name__}'s block {block}: "
+                        f"expected one Linear from intermediate_size {d_mlp} to hidden_size {d_model} (a down_proj)")
+    return F.normalize(found[0][1].weight.detach().float().T, dim=-1)

@@ -45,12 +45,17 @@ from torch.nn import functional as F
 from lineofsight.cli import UserError
 from lineofsight.io import save_tensors, write_json
 
-__all__ = ["ACTIVATIONS", "SAEConfig", "SAEError", "SparseAutoencoder", "check_sae_fits", "fvu", "load_sae", "load_saes",
+__all__ = ["ACTIVATIONS", "CHUNK_LATENTS", "SAEConfig", "SAEError", "SparseAutoencoder", "check_sae_fits", "fvu", "load_sae", "load_saes",
            "run_saes"]
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
+
+
+CHUNK_LATENTS = 2**24
+"""Latent values (tokens x d_sae) an SAE computes at once when it reads many tokens: 512 tokens at d_sae 32,768
+(64 MB float32)."""
 
 
 class SAEError(ValueError):
@@ -349,6 +354,18 @@ class SparseAutoencoder(nn.Module):
         """``(x_hat, latents)`` for raw residuals ``x [..., d_in]``."""
         latents = self.encode(x)
         return self.decode(latents), latents
+
+    @torch.no_grad()
+    def reconstruct(self, x_ND: torch.Tensor, chunk_latents: int = CHUNK_LATENTS) -> torch.Tensor:
+        """The reconstruction of ``x_ND`` in ``x``'s dtype, ``chunk_latents // d_sae`` tokens at a time, so the
+        latents of many tokens never exist at once (BatchTopK without a threshold: all at once, since its latents
+        depend on the whole batch). The same numbers as ``self(x)[0]`` up to the rounding of smaller products."""
+        batchwise = self.cfg.activation == "batchtopk" and (self.training or self.cfg.threshold is None)
+        step = len(x_ND) if batchwise else max(1, chunk_latents // self.cfg.d_sae)
+        out = torch.empty_like(x_ND)
+        for lo in range(0, len(x_ND), max(step, 1)):
+            out[lo : lo + step] = self(x_ND[lo : lo + step])[0].to(x_ND.dtype)
+        return out
 
     # ---- training objective --------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ The world is a seeded generator of 64x64 images with one coloured shape each (``
 ``COLOURS`` x ``SIZES`` x ``BACKGROUNDS``, random position and tilt). :func:`generate_world`
 writes it in the layouts the real data uses (an ImageNet folder with
 ``imagenet_class_index.json``, a ShareGPT4V-style caption JSON, ``class_pairs.txt``), so every
-experiment script runs unchanged on it.
+experiment script runs unchanged on it, and a lettered multiple-choice task (:data:`MC_SUBJECTS`: which
+shape, which colour) about held-out images in the schemas of two Hugging Face benchmarks (A-OKVQA and
+MMMU-Pro, ``save_to_disk`` folders under ``benchmarks/``).
 
 The toy model (a real ``transformers.LlavaNextForConditionalGeneration`` with a word-level
 tokenizer, committed in ``data/toy/model``) is built and trained by ``scripts/train_toy_vlm.py``
@@ -34,7 +36,13 @@ from lineofsight import paths
 from lineofsight.cli import UserError
 from lineofsight.data import ClassIndex, imagenet_items, load_image
 from lineofsight.models import format_prompt
-from lineofsight.prompts import CAPTION_QUESTION, FORCED_CHOICE_TEMPLATE, YESNO_TEMPLATE
+from lineofsight.prompts import (
+    CAPTION_QUESTION,
+    FORCED_CHOICE_TEMPLATE,
+    MC_LETTERS,
+    YESNO_TEMPLATE,
+    multiple_choice,
+)
 
 if TYPE_CHECKING:
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
@@ -43,7 +51,10 @@ __all__ = [
     "BACKGROUNDS",
     "CLASSES",
     "COLOURS",
+    "MC_SUBJECTS",
+    "N_MC_OPTIONS",
     "SIZES",
+    "MCItem",
     "ToySample",
     "WorldConfig",
     "caption_for",
@@ -54,6 +65,9 @@ __all__ = [
     "generate_world",
     "heldout_samples",
     "make_samples",
+    "mc_item",
+    "mc_items",
+    "mc_task",
     "render_sample",
     "wnid",
 ]
@@ -70,7 +84,7 @@ BACKGROUNDS: tuple[str, ...] = ("dark", "light", "noisy")
 
 WNID_BASE = 90_000_000
 """Made-up WordNet ids: class ``i`` is ``n{WNID_BASE + i}`` (``n90000000``, ...)."""
-WORLD_VERSION = 1
+WORLD_VERSION = 3
 """Bump when the generator's output changes, so stale worlds on disk are regenerated."""
 
 _RGB = {
@@ -85,7 +99,8 @@ _RGB = {
 _RADIUS = {"small": (0.2, 0.25), "medium": (0.29, 0.33), "large": (0.37, 0.42)}
 # Independent random streams: the same (seed, stream, index) always yields the same image, and
 # the training stream never overlaps the held-out or world splits.
-_STREAMS = {"imagenet/train": 1, "imagenet/val": 2, "sharegpt4v": 3, "train": 4, "heldout": 5, "pairs": 6}
+_STREAMS = {"imagenet/train": 1, "imagenet/val": 2, "sharegpt4v": 3, "train": 4, "heldout": 5, "pairs": 6,
+            "benchmark/aokvqa": 7, "benchmark/mmmu_pro": 8}
 _SUPERSAMPLE = 4
 
 
@@ -213,6 +228,60 @@ def class_pairs(seed: int = 0, n_pairs: int = 8) -> list[tuple[str, str]]:
     return [all_pairs[i] for i in order[:n_pairs]]
 
 
+# ---------------------------------------------------------------------------------------------
+# The lettered multiple-choice task
+# ---------------------------------------------------------------------------------------------
+
+MC_SUBJECTS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
+    "Shape": ("Which shape is shown in this image?", (CLASSES[:4], CLASSES[4:])),
+    "Colour": ("What colour is the shape?", (COLOURS[:4], COLOURS[4:] + COLOURS[:2])),
+}
+"""The world's multiple-choice subjects: the question and its option lists. An item about an image lists the first
+option list that holds the image's true name, in that fixed order, so each name always has the same letter (circle
+A, cross A, heart C, ...; red A, purple A, ...). Real benchmarks shuffle their options; the toy model does not learn
+to point from the matching option to its letter within its training budget (a retrain with the options shuffled
+reached 0.49 / 0.27 on shape / colour, chance 0.25), while the fixed order it learns like the forced choice. The
+prompt is :func:`lineofsight.prompts.multiple_choice` of the question and the options; the answer is the letter."""
+N_MC_OPTIONS = 4
+"""Options per item (MMMU-Pro "standard (4 options)", A-OKVQA)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MCItem:
+    """A lettered multiple-choice question about one world image."""
+
+    sample: ToySample
+    subject: str
+    """a key of :data:`MC_SUBJECTS`"""
+    options: tuple[str, ...]
+    answer: int
+    """index of the true option"""
+
+    @property
+    def question(self) -> str:
+        return MC_SUBJECTS[self.subject][0]
+
+    @property
+    def letter(self) -> str:
+        return MC_LETTERS[self.answer]
+
+    @property
+    def prompt(self) -> str:
+        return multiple_choice(self.question, self.options)
+
+
+def mc_item(sample: ToySample, subject: str) -> MCItem:
+    """The item of ``subject`` about ``sample``: the subject's first option list holding the sample's true name."""
+    true = sample.cls if subject == "Shape" else sample.colour
+    options = next(names for names in MC_SUBJECTS[subject][1] if true in names)
+    return MCItem(sample, subject, options, options.index(true))
+
+
+def mc_items(samples: Sequence[ToySample], subjects: Sequence[str] = tuple(MC_SUBJECTS)) -> list[MCItem]:
+    """One item per sample and subject, sample-major."""
+    return [mc_item(sample, subject) for sample in samples for subject in subjects]
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     """Everything that determines the world's bytes; written to ``world.json`` as its stamp."""
@@ -223,6 +292,7 @@ class WorldConfig:
     n_val_per_class: int = 16
     n_captions: int = 512
     n_pairs: int = 8
+    n_benchmark: int = 96
     version: int = WORLD_VERSION
     classes: tuple[str, ...] = CLASSES
     colours: tuple[str, ...] = COLOURS
@@ -237,6 +307,94 @@ def _read_stamp(root: Path) -> dict[str, Any] | None:
         return json.loads((root / "world.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def _benchmark_items(cfg: WorldConfig) -> dict[str, list[MCItem]]:
+    """The items of both benchmarks, ``n_benchmark`` each, on fresh images of their own streams (class-balanced):
+    A-OKVQA asks the shape of ``n_benchmark`` images, MMMU-Pro the shape and the colour of half as many."""
+    n_per_class = cfg.n_benchmark // len(CLASSES)
+    aokvqa = make_samples(n_per_class, cfg.seed, "benchmark/aokvqa", cfg.image_size)
+    mmmu_pro = make_samples(n_per_class // len(MC_SUBJECTS), cfg.seed, "benchmark/mmmu_pro", cfg.image_size)
+    return {"aokvqa": mc_items(aokvqa, ("Shape",)), "mmmu_pro": mc_items(mmmu_pro)}
+
+
+def _write_benchmarks(root: Path, cfg: WorldConfig) -> None:
+    """``root/aokvqa`` and ``root/mmmu_pro``: ``DatasetDict`` s in the columns and feature types of
+    ``HuggingFaceM4/A-OKVQA`` (split ``validation``) and ``MMMU/MMMU_Pro`` "standard (4 options)" (split ``test``)."""
+    import datasets
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    string, image = datasets.Value("string"), datasets.Image()
+    aokvqa_features = datasets.Features(
+        {
+            "question_id": string,
+            "image": image,
+            "question": string,
+            "choices": datasets.List(string),
+            "correct_choice_idx": datasets.Value("int8"),
+            "direct_answers": datasets.List(string),
+            "difficult_direct_answer": datasets.Value("bool"),
+            "rationales": datasets.List(string),
+        }
+    )
+    image_columns = [f"image_{i}" for i in range(1, 8)]
+    mmmu_features = datasets.Features(
+        {
+            "id": string,
+            "question": string,
+            "options": string,
+            "explanation": string,
+            **{c: image for c in image_columns},
+            "image_type": string,
+            "answer": string,
+            "topic_difficulty": string,
+            "subject": string,
+        }
+    )
+    items = _benchmark_items(cfg)
+    aokvqa = [
+        {
+            "question_id": f"toy_aokvqa_{i:05d}",
+            "image": it.sample.image,
+            "question": it.question,
+            "choices": list(it.options),
+            "correct_choice_idx": it.answer,
+            "direct_answers": [it.options[it.answer]] * 10,  # A-OKVQA has ten annotators' answers
+            "difficult_direct_answer": False,
+            "rationales": [f"The image shows {it.sample.caption}"],
+        }
+        for i, it in enumerate(items["aokvqa"])
+    ]
+    n_seen = dict.fromkeys(MC_SUBJECTS, 0)
+    mmmu_pro = []
+    for it in items["mmmu_pro"]:
+        n_seen[it.subject] += 1
+        mmmu_pro.append(
+            {
+                "id": f"test_{it.subject}_{n_seen[it.subject]}",  # MMMU's <split>_<subject>_<n>
+                "question": it.question,
+                "options": repr(list(it.options)),  # MMMU stores the Python repr of the list
+                "explanation": "",
+                "image_1": it.sample.image,
+                **dict.fromkeys(image_columns[1:]),
+                "image_type": "Diagrams",
+                "answer": it.letter,
+                "topic_difficulty": "Easy",
+                "subject": it.subject,
+            }
+        )
+    bars_were_on = not are_progress_bars_disabled()
+    disable_progress_bars()  # "Saving the dataset" bars would interleave with a script's own output
+    try:
+        for name, split, rows, features in (
+            ("aokvqa", "validation", aokvqa, aokvqa_features),
+            ("mmmu_pro", "test", mmmu_pro, mmmu_features),
+        ):
+            ds = datasets.Dataset.from_list(rows, features=features)
+            datasets.DatasetDict({split: ds}).save_to_disk(str(root / name))
+    finally:
+        if bars_were_on:
+            enable_progress_bars()
 
 
 def _write_world(tmp: Path, cfg: WorldConfig) -> None:
@@ -268,6 +426,7 @@ def _write_world(tmp: Path, cfg: WorldConfig) -> None:
             }
         )
     (tmp / "sharegpt4v.json").write_text(json.dumps(records, indent=1) + "\n")
+    _write_benchmarks(tmp / "benchmarks", cfg)
     pairs = class_pairs(cfg.seed, cfg.n_pairs)
     (tmp / "class_pairs.txt").write_text("".join(f"{a}@{b}\n" for a, b in pairs))
     (tmp / "world.json").write_text(json.dumps(_stamp(cfg), indent=1) + "\n")  # written last: marks completeness
@@ -282,6 +441,7 @@ def generate_world(
     n_val_per_class: int = 16,
     n_captions: int = 512,
     n_pairs: int = 8,
+    n_benchmark: int = 96,
 ) -> Path:
     """Write the shape world under ``root`` (no-op when ``root/world.json`` matches) and return ``root``.
 
@@ -292,13 +452,19 @@ def generate_world(
         root/sharegpt4v.json                        [{"id", "image": "sharegpt4v/000000.png", "conversations"}]
         root/sharegpt4v/*.png
         root/class_pairs.txt                        one ``src@tgt`` per line
+        root/benchmarks/aokvqa/                     DatasetDict {"validation"} in HuggingFaceM4/A-OKVQA's schema
+        root/benchmarks/mmmu_pro/                   DatasetDict {"test"} in MMMU/MMMU_Pro "standard (4 options)"'s
         root/world.json                             the generator config (the stamp)
 
     The world is built in a temporary sibling folder and renamed into place, so a reader never
     sees a half-written world; a stale world (different stamp) is replaced. A non-empty ``root``
-    without a stamp is refused rather than deleted.
+    without a stamp is refused rather than deleted. ``n_benchmark`` (items per benchmark, see
+    :func:`_benchmark_items`) must be a positive multiple of twice the number of classes.
     """
     root = Path(root)
+    step = len(CLASSES) * len(MC_SUBJECTS)
+    if n_benchmark < step or n_benchmark % step:
+        raise ValueError(f"n_benchmark must be a positive multiple of {step}, got {n_benchmark}")
     cfg = WorldConfig(
         seed=seed,
         image_size=image_size,
@@ -306,6 +472,7 @@ def generate_world(
         n_val_per_class=n_val_per_class,
         n_captions=n_captions,
         n_pairs=n_pairs,
+        n_benchmark=n_benchmark,
     )
     if _read_stamp(root) == _stamp(cfg):
         return root
@@ -379,6 +546,8 @@ def _is_correct(query: _Query, answer: str) -> bool:
     words = _words(answer)
     if query.task == "caption":  # the right class named, and no other class
         return query.expected in words and not any(c in words for c in CLASSES if c != query.expected)
+    if query.task.startswith("mc_"):  # the letter alone: a caption's leading article "a" is not option A
+        return words == [query.expected]
     return bool(words) and words[0] == query.expected
 
 
@@ -427,6 +596,20 @@ def _val_split(world_dir: Path, n_per_class: int) -> tuple[list[Image.Image], li
     return images, [item.label for item in items]
 
 
+def _mc_samples(world_dir: Path, n_per_class: int) -> list[ToySample]:
+    """The images of a world's MMMU-Pro-style benchmark, re-rendered from its stamp: with ``n_per_class`` up to
+    ``n_benchmark / 16`` they are exactly the benchmark's, beyond it more of the same stream."""
+    stamp = _read_stamp(world_dir)
+    if stamp is None:
+        raise UserError(f"{world_dir}: no world.json, so no multiple-choice items (generate the world first)")
+    return make_samples(n_per_class, int(stamp["seed"]), "benchmark/mmmu_pro", int(stamp["image_size"]))
+
+
+def mc_task(subject: str) -> str:
+    """The name of a multiple-choice subject's task in :func:`evaluate_toy` (``mc_shape``, ``mc_colour``)."""
+    return f"mc_{subject.lower()}"
+
+
 def evaluate_toy(
     model: LlavaNextForConditionalGeneration,
     processor: LlavaNextProcessor,
@@ -442,32 +625,46 @@ def evaluate_toy(
     ``n_per_class`` images per class) or a list of :class:`ToySample` (used as given). Per image:
     the caption must name the right class and no other; the forced choice's first word must be
     the class; a yes question (true class) and a no question (another class) are asked, so
-    ``yesno_acc`` is balanced. Returns ``caption_acc``, ``forced_choice_acc``, ``yesno_acc``,
-    ``n_images`` and ``examples``: (task, question, answer, expected) tuples.
+    ``yesno_acc`` is balanced. The lettered multiple choice (:func:`mc_items`: a shape and a colour
+    item per image, the answer must be the letter alone) is asked about the same samples, or
+    for a world folder about its MMMU-Pro benchmark's images (the val files do not say the colour;
+    :func:`_mc_samples`). Returns ``caption_acc``, ``forced_choice_acc``, ``yesno_acc``,
+    ``mc_shape_acc``, ``mc_colour_acc``, ``n_images`` and ``examples``: (task, question, answer,
+    expected) tuples.
     """
     if isinstance(world_dir_or_samples, (str, Path)):
         images, labels = _val_split(Path(world_dir_or_samples), n_per_class)
+        mc_samples = _mc_samples(Path(world_dir_or_samples), n_per_class)
     else:
         images = [s.image for s in world_dir_or_samples]
         labels = [s.label for s in world_dir_or_samples]
+        mc_samples = list(world_dir_or_samples)
     if not images:
         raise ValueError("no evaluation images")
     queries = _eval_queries(labels, seed)
+    n_images = len(images)
+    for k, item in enumerate(mc_items(mc_samples)):  # their images follow the others in ``images``
+        if k % len(MC_SUBJECTS) == 0:
+            images.append(item.sample.image)
+        queries.append(_Query(mc_task(item.subject), len(images) - 1, item.prompt, item.letter.lower()))
+    tasks = ("caption", "forced_choice", "yesno", *(mc_task(s) for s in MC_SUBJECTS))
+    max_new_tokens = {"caption": 16, "forced_choice": 3, "yesno": 3}
     answers: list[str] = [""] * len(queries)
-    for task, max_new in (("caption", 16), ("forced_choice", 3), ("yesno", 3)):
+    for task in tasks:
         idx = [i for i, q in enumerate(queries) if q.task == task]
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             prompts = [format_prompt(processor, queries[i].question) for i in chunk]
-            outs = generate_answers(model, processor, prompts, [images[queries[i].image_index] for i in chunk], max_new)
+            chunk_images = [images[queries[i].image_index] for i in chunk]
+            outs = generate_answers(model, processor, prompts, chunk_images, max_new_tokens.get(task, 2))
             for i, out in zip(chunk, outs):
                 answers[i] = out
-    result: dict[str, Any] = {"n_images": len(images)}
-    for task in ("caption", "forced_choice", "yesno"):
+    result: dict[str, Any] = {"n_images": n_images}
+    for task in tasks:
         hits = [_is_correct(q, a) for q, a in zip(queries, answers) if q.task == task]
         result[f"{task}_acc"] = float(np.mean(hits))
     examples = []
-    for task in ("caption", "forced_choice", "yesno"):
+    for task in tasks:
         of_task = [i for i, q in enumerate(queries) if q.task == task]
         picked = of_task[:: max(1, len(of_task) // max(1, n_examples))][:n_examples]  # spread over classes
         examples += [(task, queries[i].question, answers[i], queries[i].expected) for i in picked]

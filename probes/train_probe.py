@@ -8,7 +8,12 @@ weight direction the steering scripts can use (``--method probe``).
 
 With ``--features sae --sae <dir>`` it also probes the SAE's latents at its layer: a probe on all
 latents and sparse probes on the m latents that separate the classes best (accuracy vs L0,
-``sae_probe_accuracy.png``).
+``sae_probe_accuracy.png``). ``--sparse hardconcrete`` adds, per ``--pairs`` pair and per L0 penalty
+of ``--sparse-lambdas``, a binary logistic probe on the latents with HardConcrete L0 gates
+(:mod:`lineofsight.sparse`; loss = BCE + lambda * E[L0], deterministic gates at the end), on the
+pair's images of the same train/test split: test accuracy against L0, mean over the pairs
+(``sae_probe.hardconcrete`` in metrics.json), as one more curve on the same plot (all pairs and
+lambdas fitted as one batched problem).
 
 Writes into ``--out``: ``metrics.json`` (per layer: top-1, top-5, n_train, n_test, chance),
 ``probe_layer{L}.safetensors`` (+ ``probe_layer{L}.json``), ``pair_probes_layer{L}.safetensors``
@@ -70,6 +75,15 @@ class Config:
     """SAE folder (or trainer run folder) for --features sae."""
     sae_l0: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     """--features sae: numbers of latents the sparse probes may use."""
+    sparse: Literal["topm", "hardconcrete"] = "topm"
+    """--features sae: 'topm', multiclass probes on the --sae-l0 best latents by ANOVA F; 'hardconcrete', these
+    and also binary probes per --pairs pair with HardConcrete L0 gates on the latents, one per --sparse-lambdas."""
+    sparse_lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    """--sparse hardconcrete: L0 penalties (per open gate, added to the mean binary cross-entropy) to sweep."""
+    sparse_steps: int = 1000
+    """--sparse hardconcrete: full-batch Adam steps."""
+    sparse_lr: float = 1e-2
+    """--sparse hardconcrete: Adam learning rate."""
 
     def __post_init__(self) -> None:
         from lineofsight.cli import UserError
@@ -84,6 +98,13 @@ class Config:
             raise UserError("--sae-l0 must list positive numbers of latents")
         if self.features == "sae" and self.sae is None:
             raise UserError("--features sae needs --sae <SAE folder>")
+        if self.sparse == "hardconcrete":
+            if self.features != "sae" or self.pairs is None:
+                raise UserError("--sparse hardconcrete needs --features sae and --pairs (it probes each pair)")
+            if not self.sparse_lambdas or min(self.sparse_lambdas) < 0:
+                raise UserError("--sparse-lambdas must be non-negative and not empty")
+            if self.sparse_steps < 1 or self.sparse_lr <= 0:
+                raise UserError("--sparse-steps and --sparse-lr must be positive")
 
 
 def split_indices(labels: Any, test_frac: float, seed: int) -> tuple[Any, Any]:
@@ -193,10 +214,78 @@ def f_statistic(x: Any, y: Any, n_classes: int) -> Any:
     return torch.where(within > 0, between / within.clamp(min=1e-12), torch.zeros_like(between)).float()
 
 
+def hard_concrete_probes(x_NS: Any, y_N: Any, train_idx: Any, test_idx: Any, pairs: list[tuple[int, int]],
+                         lambdas: tuple[float, ...], steps: int, lr: float, seed: int,
+                         device: str = "cpu") -> dict[str, Any]:
+    """Binary L0-gated logistic probes, one per (lambda, pair) problem ``q = i_lambda * n_pairs + i_pair``,
+    fitted together as one batched problem.
+
+    Pair ``(src, tgt)`` (class indices; label 1 = tgt) sees only its two classes' images. Its probe is
+    ``sigmoid(sum_j z_j w_j (x_j - mean_j) / std_j + b)`` with the mean and std of the pair's training images
+    (as :func:`fit_linear`), HardConcrete gates ``z_j`` (:mod:`lineofsight.sparse`) and the loss
+    ``mean BCE + lambda * E[L0]``, full batch with Adam from ``w = 0`` and ``b`` at the pair's prior log-odds.
+    All problems share one feature matrix: the standardisation is folded into the weights.
+
+    Returns ``accuracy [Q]`` (on the pair's test images, deterministic gates; NaN without any), ``l0 [Q]`` and
+    ``gates [Q, S]``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from lineofsight.sparse import deterministic_gates, expected_l0, sample_gates
+
+    dev = torch.device(device)
+    n_pairs, n_lam = len(pairs), len(lambdas)
+    src = torch.tensor([a for a, _ in pairs])[:, None]
+    tgt = torch.tensor([b for _, b in pairs])[:, None]
+
+    def rows(idx: Any) -> tuple[Any, Any, Any]:
+        """Features [n, S] of the images of any pair's classes, and per problem which of them belong to its pair
+        and which are tgt ([Q, n])."""
+        idx = idx[torch.isin(y_N[idx], torch.cat([src, tgt]).flatten())]
+        y = y_N[idx][None]
+        member, label = (y == src) | (y == tgt), y == tgt
+        return (x_NS[idx].to(dev, torch.float32), member.repeat(n_lam, 1).to(dev).float(),
+                label.repeat(n_lam, 1).to(dev).float())
+
+    x_train, in_train, y_train = rows(train_idx)
+    x_test, in_test, y_test = rows(test_idx)
+    n = in_train.sum(1, keepdim=True).double()
+    mean = (in_train.double() @ x_train.double()) / n.clamp(min=1)
+    var = (in_train.double() @ x_train.double() ** 2 - n * mean**2) / (n - 1).clamp(min=1)
+    mean, std = mean.float(), var.clamp(min=0).sqrt().clamp(min=1e-6).float()  # [Q, S]
+    prior = ((in_train * y_train).sum(1) / in_train.sum(1).clamp(min=1)).clamp(0.01, 0.99)
+    lam = torch.tensor(lambdas, dtype=torch.float32).repeat_interleave(n_pairs).to(dev)[:, None]
+    w = torch.zeros_like(mean, requires_grad=True)
+    b = torch.logit(prior).clone().requires_grad_(True)
+    log_alpha = torch.zeros_like(mean, requires_grad=True)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    opt = torch.optim.Adam([w, b, log_alpha], lr=lr)
+
+    def logits(x: Any, z: Any) -> Any:  # [Q, n]
+        w_eff = z * w / std
+        return (x @ w_eff.T).T - (mean * w_eff).sum(-1, keepdim=True) + b[:, None]
+
+    for _ in range(steps):
+        bce = F.binary_cross_entropy_with_logits(logits(x_train, sample_gates(log_alpha, gen)), y_train,
+                                                 reduction="none")
+        mean_bce = (bce * in_train).sum(1) / in_train.sum(1).clamp(min=1)
+        loss = (mean_bce + (lam * expected_l0(log_alpha)).sum(1)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        z = deterministic_gates(log_alpha)
+        correct = ((logits(x_test, z) > 0).float() == y_test).float() * in_test
+        accuracy = correct.sum(1) / in_test.sum(1)  # NaN for a pair without test images
+    return {"accuracy": accuracy.cpu(), "l0": (z > 0).sum(-1).cpu(), "gates": z.cpu()}
+
+
 def sae_probes(cfg: Config, meta: dict[str, Any], acts: Any, y_all: Any, train_idx: Any, test_idx: Any,
-               n_classes: int) -> dict[str, Any]:
+               n_classes: int, pairs: list[tuple[int, int]]) -> dict[str, Any]:
     """Probes on SAE latents of the pooled residual: all latents, then the m latents that separate the
-    classes best (ANOVA F on the training split)."""
+    classes best (ANOVA F on the training split); with ``--sparse hardconcrete`` also L0-gated binary
+    probes per class pair ``pairs`` (class indices)."""
     import torch
 
     from lineofsight.cli import UserError
@@ -230,9 +319,47 @@ def sae_probes(cfg: Config, meta: dict[str, Any], acts: Any, y_all: Any, train_i
     live = int(((z > 0).sum(0) > 0).sum())
     print(f"SAE probe, layer {layer}: all {z.shape[1]} latents ({live} active on these images) -> top-1 "
           f"{dense_acc:.3f}", flush=True)
-    return {"layer": layer, "sae": str(cfg.sae), "d_sae": int(z.shape[1]), "live_latents": live,
-            "dense_top1": dense_acc, "ranking": "anova_f", "by_l0": by_l0,
-            "mean_l0_per_image": float((z > 0).sum(1).float().mean())}
+    result = {"layer": layer, "sae": str(cfg.sae), "d_sae": int(z.shape[1]), "live_latents": live,
+              "dense_top1": dense_acc, "ranking": "anova_f", "by_l0": by_l0,
+              "mean_l0_per_image": float((z > 0).sum(1).float().mean())}
+    if cfg.sparse == "hardconcrete":
+        result["hardconcrete"] = hard_concrete_summary(cfg, z, y_all, train_idx, test_idx, pairs, meta["class_names"])
+    return result
+
+
+MAX_LISTED_LATENTS = 64
+"""A gated probe's open latents are listed in metrics.json when there are at most this many."""
+
+
+def hard_concrete_summary(cfg: Config, z: Any, y_all: Any, train_idx: Any, test_idx: Any,
+                          pairs: list[tuple[int, int]], names: list[str]) -> dict[str, Any]:
+    """:func:`hard_concrete_probes` for every pair and lambda: test accuracy and L0 per pair, and their means over
+    the pairs (those with test images) per lambda."""
+    import math
+
+    from lineofsight.data import pair_key
+
+    fit = hard_concrete_probes(z, y_all, train_idx, test_idx, pairs, cfg.sparse_lambdas, cfg.sparse_steps,
+                               cfg.sparse_lr, cfg.seed, cfg.device)
+    by_lambda = {}
+    for i_lam, lam in enumerate(cfg.sparse_lambdas):
+        per_pair, accs, l0s = {}, [], []
+        for i_pair, (a, b) in enumerate(pairs):
+            q = i_lam * len(pairs) + i_pair
+            acc, l0 = float(fit["accuracy"][q]), int(fit["l0"][q])
+            entry: dict[str, Any] = {"accuracy": None if math.isnan(acc) else acc, "l0": l0}
+            if l0 <= MAX_LISTED_LATENTS:
+                entry["latents"] = fit["gates"][q].nonzero().flatten().tolist()
+            per_pair[pair_key(names[a], names[b])] = entry
+            if not math.isnan(acc):
+                accs.append(acc)
+                l0s.append(l0)
+        by_lambda[str(lam)] = {"accuracy": sum(accs) / len(accs) if accs else None,
+                               "l0": sum(l0s) / len(l0s) if l0s else None, "per_pair": per_pair}
+        print(f"SAE gated pair probes, lambda {lam:g}: mean L0 {by_lambda[str(lam)]['l0'] or 0:.1f} -> accuracy "
+              f"{by_lambda[str(lam)]['accuracy'] or 0:.3f} (mean over {len(accs)} pairs)", flush=True)
+    return {"task": "binary, per pair", "n_pairs": len(pairs), "lambdas": list(cfg.sparse_lambdas),
+            "steps": cfg.sparse_steps, "lr": cfg.sparse_lr, "by_lambda": by_lambda}
 
 
 def plot_sae_probes(result: dict[str, Any], chance: float, path: Path) -> None:
@@ -246,11 +373,20 @@ def plot_sae_probes(result: dict[str, Any], chance: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ms = [int(m) for m in result["by_l0"]]
     ax.plot(ms, [result["by_l0"][str(m)]["top1"] for m in ms], "o-", label="sparse probe (m best latents by F)")
+    gated = result.get("hardconcrete")
+    if gated:
+        points = sorted((row["l0"], row["accuracy"]) for row in gated["by_lambda"].values() if row["l0"] is not None)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "D-", color="tab:purple",
+                label=f"binary pair probes, L0 gates (mean of {gated['n_pairs']} pairs)")
     ax.axhline(result["dense_top1"], color="tab:green", ls="--", label=f"all {result['d_sae']} latents")
     ax.axhline(chance, color="gray", ls=":", label="chance")
-    ax.set_xscale("log", base=2)
+    if gated:  # gated probes may close every gate: L0 = 0 needs a linear part at the origin
+        ax.set_xscale("symlog", base=2, linthresh=1)
+        ax.set_xlim(left=-0.2)
+    else:
+        ax.set_xscale("log", base=2)
     ax.set_xlabel("SAE latents used (L0)")
-    ax.set_ylabel("top-1 accuracy (test)")
+    ax.set_ylabel("top-1 accuracy (test)" if not gated else "test accuracy (top-1; binary for pair probes)")
     ax.set_title(f"Class probes on SAE latents, layer {result['layer']}")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -335,7 +471,8 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
         print(f"layer {layer:>2}: top-1 {m['top1']:.3f}  top-{k5} {m['top5']:.3f}  (chance {chance:.3f})", flush=True)
 
     if cfg.features == "sae":
-        metrics["sae_probe"] = sae_probes(cfg, meta, acts, y_all, train_idx, test_idx, n_classes)
+        pair_classes = [(names.index(src), names.index(tgt)) for src, tgt in pairs]
+        metrics["sae_probe"] = sae_probes(cfg, meta, acts, y_all, train_idx, test_idx, n_classes, pair_classes)
         plot_sae_probes(metrics["sae_probe"], chance, run.out / "sae_probe_accuracy.png")
 
     best = max(metrics["layers"], key=lambda layer: metrics["layers"][layer]["top1"])

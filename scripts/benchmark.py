@@ -31,7 +31,7 @@ class Config:
     model: str = "toy"
     """Model to benchmark: 'toy', an HF id or a local directory."""
     only: tuple[str, ...] = ()
-    """Row groups to run (default: all but realwidth). Groups: hooks, probes, steering, sae, sae_eval, realwidth (LLaVA-NeXT-Mistral at full width with 2 blocks; minutes on CPU)."""
+    """Row groups to run (default: all but realwidth). Groups: hooks, probes, steering, sae, sae_eval, mc_benchmark, realwidth (LLaVA-NeXT-Mistral at full width with 2 blocks; minutes on CPU)."""
     batch_size: int = 16
     """Images per forward pass."""
     repeats: int = 15
@@ -794,8 +794,7 @@ def sae_eval_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     from lineofsight.harvest import Harvester
     from lineofsight.models import check_layer, text_config
     from lineofsight.sae import SAEConfig, SparseAutoencoder
-
-    eval_sae = _load_script("sae/evaluation/eval_sae.py")
+    from lineofsight.sae_eval import evaluate
     approx = _load_script("sae/approximate_steering_vectors.py")
     layer = check_layer(model, 2)
     samples = _toy_images(cfg.batch_size)
@@ -811,7 +810,7 @@ def sae_eval_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     # sides. Harvesting stops at block 2; evaluation runs on to the logits, forked at block 2 into
     # seven copies (clean and six splices) for CE loss recovered, so blocks 2-5 run seven times.
     t_harvest, t_eval = time_pair(lambda: harvester(captions, images, ids),
-                                  lambda: eval_sae.evaluate(model, sae, harvester, batches, 0.1),
+                                  lambda: evaluate(model, sae, harvester, batches, 0.1),
                                   max(3, cfg.repeats // 3))
     rows.append(Row(f"SAE eval, {len(ids)} records (CE: 7-way fork)", "harvest", t_harvest, t_eval,
                     "<= 1.25 (0.8x)", t_harvest / t_eval >= 0.8))
@@ -834,6 +833,76 @@ def sae_eval_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
     rows.append(Row(f"HardConcrete {n_vec} vectors x {steps} steps, {d_in}x{d_sae}", "1 at a time", t_loop,
                     t_batched, "<= 0.20 (5x)", t_loop / t_batched >= 5))
     return rows
+
+
+def mc_benchmark_rows(cfg: Config, model: Any, processor: Any, n_items: int | None = None,
+                      d_sae_mult: int = 8) -> list[Row]:
+    """Benchmark-splice issue: multiple-choice items scored clean, with an SAE spliced at the image tokens and with
+    them zeroed (eval_benchmark's one batched forward, forked at the SAE's layer), against the paper's loop (per
+    item and condition: batch 1, one greedy token from ``generate`` without a KV cache, the splice by a hook) and
+    against bare batched forwards of the same items, once per condition (no hooks, no fork)."""
+    import torch
+
+    from lineofsight.benchmarks import Item
+    from lineofsight.hooks import Trace
+    from lineofsight.models import (
+        check_layer,
+        format_prompt,
+        image_token_mask,
+        layer_names,
+        text_config,
+        vlm_inputs,
+    )
+    from lineofsight.prompts import multiple_choice
+    from lineofsight.sae import SAEConfig, SparseAutoencoder
+
+    script = _load_script("sae/evaluation/eval_benchmark.py")
+    layer = check_layer(model, 2)
+    samples = _toy_images(n_items or cfg.batch_size)
+    options = ["circle", "square", "star", "ring"]
+    items = [Item(str(i), "s", "Which shape is shown in this image?", options, 0, s.image)
+             for i, s in enumerate(samples)]
+    d_model = text_config(model).hidden_size
+    sae = SparseAutoencoder(SAEConfig(d_in=d_model, d_sae=d_sae_mult * d_model, layer=layer)).to(cfg.device).eval()
+    splices = script.conditions_of([("sae", sae)], zero_ablate=True)
+    processor.tokenizer.padding_side = "left"
+    prompts = [format_prompt(processor, multiple_choice(it.question, it.options)) for it in items]
+    site = layer_names(model)[layer]
+    batch = cfg.batch_size
+
+    def ours() -> None:
+        for lo in range(0, len(items), batch):
+            script.forward_conditions(model, processor, items[lo : lo + batch], splices)
+
+    def paper_loop() -> None:
+        for it, prompt in zip(items, prompts, strict=True):
+            inputs = vlm_inputs(model, processor, [it.image], [prompt])
+            mask = image_token_mask(inputs["input_ids"], model)
+            for sp in [None, *splices]:
+                def edit(x: Any, *, sae: Any = None if sp is None else sp.sae, mask: Any = mask) -> Any:
+                    x[mask] = 0 if sae is None else sae(x[mask])[0].to(x.dtype)
+                    return x
+
+                with torch.no_grad():
+                    if sp is None:
+                        model.generate(**inputs, max_new_tokens=1, do_sample=False, use_cache=False)
+                    else:
+                        with Trace(model, site, retain_output=False, edit_input=edit):
+                            model.generate(**inputs, max_new_tokens=1, do_sample=False, use_cache=False)
+
+    def bare() -> None:
+        for lo in range(0, len(items), batch):
+            inputs = vlm_inputs(model, processor, [it.image for it in items[lo : lo + batch]], prompts[lo : lo + batch])
+            with torch.no_grad():
+                for _ in range(1 + len(splices)):
+                    model(**inputs, use_cache=False, logits_to_keep=1)
+
+    repeats = max(3, cfg.repeats // 5)
+    n = f"{len(items)} MC items x {1 + len(splices)} conditions"
+    t_loop, t_ours = time_pair(paper_loop, ours, repeats)
+    t_bare, t_ours2 = time_pair(bare, ours, repeats)
+    return [Row(n, "paper loop", t_loop, t_ours, "<= 0.33 (3x)", t_loop / t_ours >= 3),
+            Row(n, "bare batched", t_bare, t_ours2, "<= 1.11 (0.9x)", t_bare / t_ours2 >= 0.9)]
 
 
 def _peak_rss_gb() -> float:
@@ -1291,6 +1360,7 @@ GROUPS: dict[str, Callable[[Config, Any, Any], list[Row]]] = {
     "steering": steering_rows,
     "sae": sae_rows,
     "sae_eval": sae_eval_rows,
+    "mc_benchmark": mc_benchmark_rows,
     "realwidth": realwidth_rows,
 }
 

@@ -1,9 +1,10 @@
-"""Evaluate a toy-world VLM on held-out images: caption, forced-choice and yes/no accuracy.
+"""Evaluate a toy-world VLM on held-out images: caption, forced-choice, yes/no and multiple-choice accuracy.
 
 Generates the shape world if it is missing (seconds), loads the model (default: the committed
 toy model), asks every held-out ``val`` image for a caption, the steering forced choice
-(``Reply either "a" or "b" ...``) and a yes and a no question, and prints the accuracies
-against the quality bar and a few generations. Writes ``<out>/eval.json`` for the report and
+(``Reply either "a" or "b" ...``) and a yes and a no question, asks the lettered multiple choice
+(which shape, which colour; the world's MMMU-Pro-style benchmark images) and prints the
+accuracies against the quality bar and a few generations. Writes ``<out>/eval.json`` for the report and
 ``<out>/run.json`` (config, git SHA, versions).
 
     python scripts/eval_toy.py                                           # the committed toy model -> results/toy
@@ -18,9 +19,15 @@ from pathlib import Path
 
 from lineofsight.paths import TOY_WORLD_DIR
 from lineofsight.run import Run, lifecycle
+from lineofsight.toy import MC_SUBJECTS, mc_task  # numpy + PIL only; keeps --help instant
 
-#: The toy model's quality bar (held-out images).
-BAR = {"caption_acc": 0.95, "forced_choice_acc": 0.95, "yesno_acc": 0.90}
+#: The toy model's quality bar (held-out images); multiple choice per subject.
+BAR = {
+    "caption_acc": 0.95,
+    "forced_choice_acc": 0.95,
+    "yesno_acc": 0.90,
+    **{f"{mc_task(subject)}_acc": 0.90 for subject in MC_SUBJECTS},
+}
 
 
 @dataclasses.dataclass
@@ -34,7 +41,7 @@ class Config:
     seed: int = 0
     """World seed (only used when the world is generated)."""
     n_per_class: int = 16
-    """Held-out val images per class."""
+    """Held-out val images per class (and benchmark images per class for the multiple choice, two items each)."""
     batch_size: int = 64
     """Prompts per generate call."""
     n_examples: int = 3

@@ -11,8 +11,8 @@ assert torch.cuda.is_available(), "no CUDA device: run this on a GPU machine"
 print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PY
 echo "== benchmark: real width (LLaVA-NeXT-Mistral, 2 blocks, random bf16; SAE steps fp32 and bf16 autocast with MFU)"
-echo "   and SAE steps on cuda (the host-RSS rows run in the CPU benchmark)"
-python scripts/benchmark.py --only realwidth sae --device cuda --dtype bfloat16 --repeats 10
+echo "   SAE steps and the multiple-choice splice (eval_benchmark vs the paper's loop) on cuda (host-RSS rows: CPU run)"
+python scripts/benchmark.py --only realwidth sae mc_benchmark --device cuda --dtype bfloat16 --repeats 10
 echo "== 1-GPU torchrun (nccl): three SAEs from one harvest, kill after the first checkpoint, --resume"
 OUT="$(mktemp -d)/sae-gpu"
 COMMON=(sae/sae-trainer.py --layer 1 2 3 --expansion 4 --batch-size 1024 --total-tokens 200000

@@ -32,9 +32,11 @@ def toy_section(result: dict) -> list[str]:
         "|---|---|---|",
     ]
     names = {"caption_acc": "class named in the caption", "forced_choice_acc": "forced choice",
-             "yesno_acc": "yes/no (balanced)"}
+             "yesno_acc": "yes/no (balanced)", "mc_shape_acc": "lettered multiple choice: which shape",
+             "mc_colour_acc": "lettered multiple choice: which colour"}
     for key, label in names.items():
-        lines.append(f"| {label} | {result[key]:.1%} | {result['bar'][key]:.0%} |")
+        if key in result:
+            lines.append(f"| {label} | {result[key]:.1%} | {result['bar'][key]:.0%} |")
     lines += ["", "Sample generations:", "", "| task | question | answer | expected |", "|---|---|---|---|"]
     for task, question, answer, expected in result["examples"]:
         lines.append(f"| {task} | {question} | {answer} | {expected} |")
@@ -74,8 +76,12 @@ def steering_section(result: dict) -> list[str]:
         "## Steering: class-pair difference-of-means vectors",
         "",
         f"`k * v(src@tgt)` added to the residual at the image-token positions of one layer ({result['positions']} "
-        "positions, prefill only). Efficacy: probability of the first token of `tgt` / `src` for the forced choice "
-        '`Reply either "src" or "tgt" ...` on held-out `src` images; flip rate: share where `tgt` wins. Damage: '
+        "positions, prefill only). Efficacy: probability that the model answers `tgt` / `src` "
+        + ("(the whole class name as the model writes it: the product of its tokens' probabilities, teacher forced)"
+           if result.get("answer_scoring") == "sequence" else "(the probability of the name's first token)")
+        + " to the forced choice "
+        '`<image>\\n Reply either "src" or "tgt" ...` (spaced as the paper\'s code) on held-out `src` images; flip '
+        "rate: share where `tgt` is the likelier answer. Damage: "
         f"increase of the caption NLL (nats/token, {result['n_captions']} captions). Rollouts: share of steered "
         "generations naming `tgt` / still naming `src`.",
         "",
@@ -166,22 +172,8 @@ def sae_section(results: Path) -> list[str]:
         for key, ex in m.get("examples", {}).items():
             lines.append(f"![{key}](sae/modality/{ex['plot']})")
         lines.append("")
-    approx = results / "sae" / "approx" / "approximation.json"
-    if approx.is_file():
-        a = json.loads(approx.read_text())
-        lines += [
-            "### Steering vectors are sparse in the SAE basis",
-            "",
-            f"Each steering vector of layer {a['layer']} approximated by HardConcrete-gated SAE decoder rows, a sweep "
-            "over the L0 penalty; the same for random unit vectors.",
-            "",
-            "| lambda | steering: mean L0 | cosine | random: mean L0 | cosine |",
-            "|---|---|---|---|---|",
-        ]
-        for lam in a["lambdas"]:
-            s, r = a["steering"]["by_lambda"][str(lam)], a["random"]["by_lambda"][str(lam)]
-            lines.append(f"| {lam:g} | {s['l0']:.1f} | {s['cosine']:.3f} | {r['l0']:.1f} | {r['cosine']:.3f} |")
-        lines += ["", "![approximation](sae/approx/approximation.png)", ""]
+    for approx in sorted((results / "sae").glob("approx*/approximation.json")):
+        lines += approximation_section(results, approx.parent, json.loads(approx.read_text()))
     probe = results / "probes-sae" / "metrics.json"
     if probe.is_file():
         p = json.loads(probe.read_text()).get("sae_probe")
@@ -191,7 +183,101 @@ def sae_section(results: Path) -> list[str]:
                       f"top-1 {p['dense_top1']:.3f} (the residual itself: see the probe table); the m latents that "
                       "separate the classes best (ANOVA F on the training images):", "", "| latents | top-1 |", "|---|---|"]
             lines += [f"| {m} | {v['top1']:.3f} |" for m, v in p["by_l0"].items()]
+            gated = p.get("hardconcrete")
+            if gated:
+                lines += ["", f"L0-gated probes ({gated['task']}, {gated['n_pairs']} class pairs, the same split): a "
+                          "logistic probe per pair on HardConcrete-gated latents, accuracy vs the number of open gates "
+                          "over the L0 penalty (chance 0.5, where the top-m probes' chance is 1 / classes):", "",
+                          "| lambda | mean L0 | pair accuracy |", "|---|---|---|"]
+                lines += [f"| {float(lam):g} | {v['l0']:.1f} | {v['accuracy']:.3f} |"
+                          for lam, v in gated["by_lambda"].items()]
             lines += ["", "![SAE probes](probes-sae/sae_probe_accuracy.png)", ""]
+    return lines
+
+
+def approximation_section(results: Path, folder: Path, a: dict) -> list[str]:
+    """L0 vs cosine of the sparse approximations per basis, and how much steering the approximated vectors keep."""
+    bases = [b for b in ("sae", "neurons") if (b == "sae" and "steering" in a) or b in a]
+    what = {"sae": f"the SAE's {a.get('d_sae', '')} decoder rows",
+            "neurons": f"the {a.get('neurons', {}).get('d_mlp', '')} MLP neuron output directions of block "
+                       f"{a.get('neurons', {}).get('block', '')}"}
+    lines = [f"### Steering vectors in a sparse basis (layer {a['layer']})", "",
+             f"Each steering vector of layer {a['layer']} approximated by HardConcrete-gated atoms of "
+             + " and of ".join(what[b] for b in bases) + ", a sweep over the L0 penalty; the same for random unit "
+             "vectors (the baseline).", ""]
+    header = "| lambda | " + " | ".join(f"{b} steering: L0 | cosine | {b} random: L0 | cosine" for b in bases) + " |"
+    lines += [header, "|---|" + "---|---|---|---|" * len(bases)]
+    for lam in a["lambdas"]:
+        cells = []
+        for b in bases:
+            part = a if b == "sae" else a[b]
+            s, r = part["steering"]["by_lambda"][str(lam)], part["random"]["by_lambda"][str(lam)]
+            cells += [f"{s['l0']:.1f}", f"{s['cosine']:.3f}", f"{r['l0']:.1f}", f"{r['cosine']:.3f}"]
+        lines.append(f"| {lam:g} | " + " | ".join(cells) + " |")
+    lines += ["", f"![approximation]({folder.relative_to(results).as_posix()}/approximation.png)", ""]
+    evals = []
+    for run in sorted(folder.glob("eval-lambda*")):
+        info = folder / "vectors" / run.name.removeprefix("eval-") / "vectors.json"
+        metrics = run / "metrics.json"
+        if metrics.is_file() and info.is_file():
+            evals.append((json.loads(info.read_text()), json.loads(metrics.read_text())))
+    original = results / "steering" / "metrics.json"
+    if evals and original.is_file():
+        layer = str(a["layer"])
+        ref = json.loads(original.read_text())["metrics"].get(layer)
+        ks = [k for k in evals[0][1]["metrics"][layer] if float(k) > 0]
+        lines += [f"Steering with the approximated vectors (layer {layer}, the same images, prompt and k as the "
+                  "originals; flip rate / damage in nats per caption token):", "",
+                  "| vectors | " + " | ".join(f"k = {float(k):g}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        rows = ([("original difference of means", ref)] if ref else []) + [
+            (f"SAE, lambda {info['lambda']:g} (mean L0 {info['mean_l0']:.1f}, cosine {info['mean_cosine']:.3f})",
+             m["metrics"][layer]) for info, m in evals]
+        for name, by_k in rows:
+            lines.append(f"| {name} | " + " | ".join(
+                f"{by_k[k]['flip_rate']:.2f} / {by_k[k]['damage_nll']:+.3f}" if k in by_k else "-" for k in ks) + " |")
+        lines.append("")
+    return lines
+
+
+def benchmark_section(results: Path) -> list[str]:
+    """Clean vs SAE-spliced vs zero-ablated multiple-choice accuracy, one column pair per benchmark."""
+    found = {p.parent.name: json.loads(p.read_text()) for p in sorted(results.glob("benchmark/*/metrics.json"))}
+    if not found:
+        return []
+    lines = [
+        "## Benchmarks with the SAEs spliced in",
+        "",
+        "The toy world's lettered multiple-choice task in the MMMU-Pro and A-OKVQA schemas, scored like the paper's "
+        "benchmarks (`sae/evaluation/eval_benchmark.py`: the next token's logits over the option letters): clean, with "
+        "each layer's SAE reconstruction spliced in at the image-token positions, and with the image tokens zeroed "
+        "there (the floor). 95 % Wilson intervals; the difference to clean is paired over the same items.",
+        "",
+    ]
+    names = list(next(iter(found.values()))["conditions"])
+    header = "| condition | " + " | ".join(f"{b} accuracy | vs clean" for b in found) + " |"
+    lines += [header, "|---|" + "---|---|" * len(found)]
+    for name in names:
+        cells = []
+        for m in found.values():
+            c = m["conditions"].get(name)
+            if c is None:
+                cells += ["-", "-"]
+                continue
+            acc = f"{c['accuracy']:.3f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+            diff = c.get("vs_clean")
+            cells += [acc, "" if diff is None else f"{diff['diff']:+.3f} [{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}]"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    counts = "; ".join(f"{b}: {m['n_items']} items, chance {m['chance']:.2f}, skipped {m['skipped']['total']}"
+                       for b, m in found.items())
+    lines += ["", counts + ".", ""]
+    for b, m in found.items():
+        if len(m["by_subject"]) > 1:
+            lines += [f"Per subject ({b}):", "", "| subject | n | " + " | ".join(names) + " |",
+                      "|---|---|" + "---|" * len(names)]
+            for subject, row in m["by_subject"].items():
+                lines.append(f"| {subject} | {row['n']} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
+            lines.append("")
+        lines += [f"![{b}](benchmark/{b}/accuracy.png)", ""]
     return lines
 
 
@@ -220,6 +306,7 @@ def main(cfg: Config) -> None:
             if filename.startswith("steering/") and cfg.rollouts is not None:
                 lines += rollout_examples(cfg.rollouts)
     lines += sae_section(cfg.results_dir)
+    lines += benchmark_section(cfg.results_dir)
     if sha:
         lines.append(f"_Code version: `{sha[:12]}`._")
     out = atomic_write_text(cfg.results_dir / "REPORT.md", "\n".join(lines) + "\n")

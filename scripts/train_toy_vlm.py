@@ -7,7 +7,7 @@ Three stages, like LLaVA's pre-trained CLIP followed by visual instruction tunin
    class head, and the mean projected image token aligned with the caption words' embeddings).
    Training the tower jointly with the language model from scratch stalls (about 60 % caption
    accuracy after 5 minutes); pre-training it does not.
-1b. **Yes/no in text** (about 60 s). The language model learns to answer
+1b. **Yes/no in text** (about 90 s). The language model learns to answer
    ``Is there a <class> in this image?`` about a caption given as text. Learnt from the image
    alone, the comparison of the question's word with what is shown stays at chance for the whole
    budget (the loss only rewards the product of two signals); in a short text context it is
@@ -15,8 +15,11 @@ Three stages, like LLaVA's pre-trained CLIP followed by visual instruction tunin
 2. **VLM training** (about 310 s). The projector, ``image_newline``, the Mistral backbone and (at
    a lower learning rate) the tower learn captioning, the steering forced choice
    (``Reply either "a" or "b" ...`` -> class word), balanced yes/no questions (about the class or
-   the colour) and text-only rows, with the per-patch class loss kept on the projected image
-   tokens. The loss is taken on the answer tokens and EOS only, averaged per example.
+   the colour), lettered multiple choice (which shape / which colour of four options -> the
+   option's letter, the toy world's benchmark task) and text-only rows, with the per-patch class
+   loss kept on the projected image tokens. The loss is taken on the answer tokens and EOS only,
+   averaged per example. (The options come in a fixed order per name, see
+   :data:`lineofsight.toy.MC_SUBJECTS`: with shuffled options the lettered task stayed near chance.)
 
 At the end the held-out accuracies (fresh images from a stream training never sees) and a few
 generations are printed, and the model + processor are saved with ``save_pretrained`` into
@@ -25,7 +28,7 @@ git SHA and versions). The toy model's tokenizer, processor and architecture are
 (:func:`build_toy_processor`, :func:`build_toy_model`); everything else loads the saved folder
 with :func:`lineofsight.models.load_vlm`.
 
-    python scripts/train_toy_vlm.py --overwrite       # rewrites data/toy/model (8 min 15 s on 2 cores, bit-identical weights)
+    python scripts/train_toy_vlm.py --overwrite       # rewrites data/toy/model (10 min 40 s on 2 cores, bit-identical weights)
     python scripts/train_toy_vlm.py --tiny --out /tmp/toy --overwrite   # seconds; for tests
 """
 
@@ -48,18 +51,23 @@ from lineofsight.prompts import (
     CAPTION_QUESTION,
     COLOUR_YESNO_TEMPLATE,
     FORCED_CHOICE_TEMPLATE,
+    MC_LETTERS,
     YESNO_TEMPLATE,
+    multiple_choice,
 )
 from lineofsight.run import Run, lifecycle
 from lineofsight.toy import (  # numpy + PIL only; keeps --help instant
     BACKGROUNDS,
     CLASSES,
     COLOURS,
+    MC_SUBJECTS,
     SIZES,
     ToySample,
     caption_for,
     evaluate_toy,
     heldout_samples,
+    mc_item,
+    mc_task,
     render_sample,
 )
 
@@ -143,7 +151,7 @@ class Config:
     dense_weight_vlm: float = 0.5
     """stage 2: weight of the same per-patch loss on the projected image tokens, so the VLM training
     keeps the class readable from every shape token (and from their mean: what the probes read)"""
-    steps: int = 750
+    steps: int = 800
     """stage 2: VLM steps"""
     batch_size: int = 32
     """stage 2: image examples per step"""
@@ -155,11 +163,13 @@ class Config:
     """fraction of each stage spent warming up the learning rate"""
     p_caption: float = 0.35
     """stage 2: probability an image example is a caption"""
-    p_forced_choice: float = 0.2
-    """stage 2: probability an image example is a forced choice (the rest are yes/no)"""
+    p_forced_choice: float = 0.1
+    """stage 2: probability an image example is a forced choice"""
+    p_multiple_choice: float = 0.2
+    """stage 2: probability an image example is a lettered multiple choice (the rest are yes/no)"""
     p_colour_question: float = 0.25
     """stage 2: fraction of yes/no examples that ask about the colour instead of the class"""
-    text_steps: int = 400
+    text_steps: int = 600
     """stage 1b: steps of text-only yes/no questions about captions (batch_size rows each)"""
     max_filler: int = 12
     """stage 1b: up to this many "." tokens between the caption and the question"""
@@ -174,9 +184,14 @@ class Config:
     them template words, so the class word needs the extra weight)"""
     yesno_weight: float = 2.0
     """stage 2: loss weight of a yes/no example relative to the others"""
+    mc_weight: float = 2.0
+    """stage 2: loss weight of a multiple-choice example relative to the others"""
     p_text_yesno: float = 0.5
     """stages 1b and 2: fraction of text-only rows that are yes/no questions about a caption given
-    as text (the rest: half forced choices about it, half plain caption language modelling)"""
+    as text (the rest: multiple choice, then half forced choices about it, half plain caption
+    language modelling)"""
+    p_text_multiple_choice: float = 0.25
+    """stage 2: fraction of text-only rows that are lettered multiple choice about a caption"""
     text_weight: float = 0.3
     """stage 2: weight of the text-only caption loss"""
     train_tower: bool = True
@@ -208,8 +223,12 @@ class Config:
             self.n_images, self.pretrain_steps, self.steps = 64, 10, 120
             self.pretrain_batch_size, self.batch_size, self.text_batch_size = 16, 8, 4
             self.n_eval_per_class = 1
-        if not 0 <= self.p_caption + self.p_forced_choice <= 1:
-            raise UserError("--p-caption + --p-forced-choice must be in [0, 1]")
+        probabilities = (self.p_caption, self.p_forced_choice, self.p_multiple_choice, self.p_text_yesno,
+                         self.p_text_multiple_choice)
+        if min(probabilities) < 0 or self.p_caption + self.p_forced_choice + self.p_multiple_choice > 1:
+            raise UserError("--p-caption, --p-forced-choice, --p-multiple-choice must be >= 0 and sum to at most 1")
+        if self.p_text_yesno + self.p_text_multiple_choice > 1:
+            raise UserError("--p-text-yesno + --p-text-multiple-choice must be at most 1")
         if self.image_size % self.model.tile_size:
             raise UserError(f"--image-size {self.image_size} must be a multiple of --model.tile-size "
                             f"{self.model.tile_size}")
@@ -253,7 +272,8 @@ def _pre_tokenizer() -> Any:
 
 
 def toy_vocabulary() -> list[str]:
-    """Special tokens, then every word of the world's captions, questions, answers and the steering prompt."""
+    """Special tokens, then every word of the world's captions, questions (multiple choice included), answers
+    and the steering prompt."""
     texts = [
         " ".join(CLASSES + COLOURS + SIZES + BACKGROUNDS),
         caption_for("circle", "red", "small", "dark"),
@@ -261,6 +281,8 @@ def toy_vocabulary() -> list[str]:
         FORCED_CHOICE_TEMPLATE.format(a="circle", b="square"),
         YESNO_TEMPLATE.format(name="circle"),
         COLOUR_YESNO_TEMPLATE.format(colour="red"),
+        *(multiple_choice(question, options) for question, lists in MC_SUBJECTS.values() for options in lists),
+        " ".join(MC_LETTERS),  # every option letter, as its lowercase word
         _EXTRA_WORDS,
     ]
     pre = _pre_tokenizer()
@@ -542,9 +564,16 @@ def _other_class(rng: np.random.Generator, sample: ToySample) -> str:
     return CLASSES[(sample.label + 1 + int(rng.integers(len(CLASSES) - 1))) % len(CLASSES)]
 
 
+def _mc_subject(rng: np.random.Generator) -> str:
+    """A uniformly drawn multiple-choice subject."""
+    subjects = list(MC_SUBJECTS)
+    return subjects[int(rng.integers(len(subjects)))]
+
+
 def image_example(cfg: Config, data: TrainData, rng: np.random.Generator, i: int, progress: float) -> Row:
-    """A row of a random task about training image i (caption, forced choice, class or colour
-    yes/no); ``progress`` in [0, 1] drives the curriculum."""
+    """A row of a random task about training image i (caption, forced choice, lettered multiple
+    choice about the shape or the colour, class or colour yes/no); ``progress`` in [0, 1] drives
+    the curriculum."""
     s = data.samples[i]
     u = rng.random() if progress >= cfg.yesno_only_until else 1.0
     if u < cfg.p_caption:
@@ -553,6 +582,9 @@ def image_example(cfg: Config, data: TrainData, rng: np.random.Generator, i: int
         other = _other_class(rng, s)
         a, b = (s.cls, other) if rng.random() < 0.5 else (other, s.cls)
         question, answer, weight = FORCED_CHOICE_TEMPLATE.format(a=a, b=b), s.cls, 1.0
+    elif u < cfg.p_caption + cfg.p_forced_choice + cfg.p_multiple_choice:
+        item = mc_item(s, _mc_subject(rng))
+        question, answer, weight = item.prompt, item.letter, cfg.mc_weight
     else:
         bias = curriculum_bias(cfg, progress)
         if rng.random() < cfg.p_colour_question:
@@ -565,24 +597,32 @@ def image_example(cfg: Config, data: TrainData, rng: np.random.Generator, i: int
     return data.prompt_ids(question), data.answer_ids(answer), weight
 
 
-def text_example(cfg: Config, data: TrainData, rng: np.random.Generator, i: int, bias: float, eos: bool = True) -> Row:
+def text_example(cfg: Config, data: TrainData, rng: np.random.Generator, i: int, bias: float, eos: bool = True,
+                 multiple_choice: bool = True) -> Row:
     """A text-only row about training image i's caption, which stands in for the image.
 
-    A yes/no question (probability ``p_text_yesno``), else half the time a forced choice, else
-    plain caption language modelling. Up to ``max_filler`` "." tokens between caption and
+    A yes/no question (probability ``p_text_yesno``), a lettered multiple choice (probability
+    ``p_text_multiple_choice``), else half the time a forced choice, else plain caption language
+    modelling. Up to ``max_filler`` "." tokens between caption and
     question move the class word around, so the model finds it by content, as it must for
     image tokens, rather than at a fixed offset. ``eos=False`` drops the EOS target of the
-    questions (the loss is then on the answer word alone).
+    questions (the loss is then on the answer word alone). ``multiple_choice=False`` (stage 1b) leaves the
+    lettered rows out: stage 1b is for the yes/no comparison, whose sudden learning they made a matter of luck
+    (a retrain with them stayed at chance on yes/no).
     """
     s = data.samples[i]
     filler = " ." * int(rng.integers(cfg.max_filler + 1))
     u = rng.random()
-    p_yesno = cfg.p_text_yesno
+    p_yesno, p_mc = cfg.p_text_yesno, cfg.p_text_multiple_choice if multiple_choice else 0.0
     if u < p_yesno:
         name, yes = ask(rng, CLASSES, s.cls, bias)
         prompt = data.prompt_ids(s.caption + filler + " " + YESNO_TEMPLATE.format(name=name), image=False)
         answer = data.answer_ids("yes" if yes else "no")
-    elif u < p_yesno + (1 - p_yesno) / 2:
+    elif u < p_yesno + p_mc:
+        item = mc_item(s, _mc_subject(rng))
+        prompt = data.prompt_ids(s.caption + filler + " " + item.prompt, image=False)
+        answer = data.answer_ids(item.letter)
+    elif u < p_yesno + p_mc + (1 - p_yesno - p_mc) / 2:
         other = _other_class(rng, s)
         a, b = (s.cls, other) if rng.random() < 0.5 else (other, s.cls)
         prompt = data.prompt_ids(s.caption + filler + " " + FORCED_CHOICE_TEMPLATE.format(a=a, b=b), image=False)
@@ -737,7 +777,7 @@ def train_text_yesno(cfg: Config, model: Any, data: TrainData, rng: np.random.Ge
     for step in bar:
         bias = cfg.yesno_bias * max(0.0, 1 - 2 * step / cfg.text_steps)  # balanced for the second half
         idx = torch.randint(len(data.samples), (cfg.batch_size,), generator=gen).tolist()
-        rows = [text_example(cfg, data, rng, i, bias, eos=False) for i in idx]
+        rows = [text_example(cfg, data, rng, i, bias, eos=False, multiple_choice=False) for i in idx]
         ids, mask, labels, weight = data.collate(rows)
         logits = model(input_ids=ids, attention_mask=mask).logits
         loss = row_loss(logits, labels, weight)
@@ -767,21 +807,24 @@ class ProbeBatch:
     pixel_values: Any
     image_sizes: Any
     tasks: list[str]
-    """per row: caption-class, choice, yes or no"""
+    """per row: caption-class, choice, yes, no or mc"""
 
 
 def heldout_probe(cfg: Config, data: TrainData) -> ProbeBatch:
-    """Four questions about each of 32 held-out images (seed + 1: not the final evaluation's)."""
+    """Five questions about each of 32 held-out images (seed + 1: not the final evaluation's)."""
+
     samples = heldout_samples(4, seed=cfg.seed + 1, image_size=cfg.image_size)
     pixels = data.processor.image_processor([s.image for s in samples], return_tensors="pt")
     rows, tasks, images = [], [], []
     for k, s in enumerate(samples):
         other = CLASSES[(s.label + 1 + k % (len(CLASSES) - 1)) % len(CLASSES)]
+        item = mc_item(s, list(MC_SUBJECTS)[k % len(MC_SUBJECTS)])
         for task, (q, a) in {
             "caption-class": (CAPTION_QUESTION, s.caption),
             "choice": (FORCED_CHOICE_TEMPLATE.format(a=other, b=s.cls), s.cls),
             "yes": (YESNO_TEMPLATE.format(name=s.cls), "yes"),
             "no": (YESNO_TEMPLATE.format(name=other), "no"),
+            "mc": (item.prompt, item.letter),
         }.items():
             rows.append((data.prompt_ids(q), data.answer_ids(a), 1.0))
             tasks.append(task)
@@ -897,7 +940,8 @@ def evaluate_heldout(cfg: Config, model: Any, processor: Any) -> dict[str, Any]:
     print(
         f"held-out ({metrics['n_images']} images, {time.time() - t3:.0f} s): "
         f"caption {metrics['caption_acc']:.3f}  forced choice {metrics['forced_choice_acc']:.3f}  "
-        f"yes/no {metrics['yesno_acc']:.3f}"
+        f"yes/no {metrics['yesno_acc']:.3f}  "
+        + "  ".join(f"multiple choice ({s}) {metrics[mc_task(s) + '_acc']:.3f}" for s in MC_SUBJECTS)
     )
     for task, question, answer, expected in metrics["examples"]:
         print(f"  [{task}] {question!r} -> {answer!r} (expected {expected!r})")

@@ -2,9 +2,13 @@
 
 - **Efficacy**: held-out images of ``src`` with the prompt ``Reply either "{src}" or "{tgt}" in
   lowercase depending on what is shown in the image. Do not output any other text.`` (the order of
-  the two names alternates between images); with ``k * v`` added at the image tokens of the layer,
-  the next-token probability of the first token of ``tgt`` (``p_tgt``) and of ``src`` (``p_src``),
-  and the flip rate (share of images where ``tgt`` is more likely than ``src``).
+  the two names alternates between images; spaced as in the paper's code, ``<image>\n Reply``:
+  :data:`lineofsight.prompts.FORCED_CHOICE_TEMPLATE`); with ``k * v`` added at the image tokens of the
+  layer, the probability that the model answers ``tgt`` (``p_tgt``) and ``src`` (``p_src``), and the flip
+  rate (share of images where ``tgt`` is more likely than ``src``). ``--answer-scoring sequence`` (default)
+  scores the whole name as the model writes it after the prompt (``exp`` of the summed log-probabilities
+  of its tokens, teacher forced: most class names are several Mistral tokens); ``first-token`` the
+  next-token probability of the name's first token alone (the paper's code read the last token instead).
 - **Damage**: the increase in mean caption NLL (ShareGPT4V-format captions given the image and
   ``What is shown in this image?``) under the same intervention, ``NLL(k) - NLL(0)``, averaged
   over pairs.
@@ -12,7 +16,8 @@
   share that still name ``src``, per k (a cheap automatic proxy for the paper's human ratings).
 
 Writes ``<out>/metrics.json`` (``metrics[layer][k]`` holds ``p_tgt``, ``p_src``, ``flip_rate``,
-``damage_nll`` and, with rollouts, ``rollout_tgt``/``rollout_src``) and plots ``efficacy.png``,
+``damage_nll`` and, with rollouts, ``rollout_tgt``/``rollout_src``; ``answer_scoring`` says how ``p_tgt`` /
+``p_src`` were scored) and plots ``efficacy.png``,
 ``damage.png`` (and ``rollouts.png``), one line per layer.
 
     python steering/eval_steering.py --vectors runs/vectors --layer 2 3 --out runs/steering_eval
@@ -66,8 +71,15 @@ class Config:
     """Where the vector is added (image tokens by default)."""
     rollouts: Path | None = None
     """rollouts.jsonl from steering/steering_rollouts.py, for the rollout score."""
+    answer_scoring: Literal["sequence", "first-token"] = "sequence"
+    """How p_tgt / p_src score a class name after the forced-choice prompt (spaced as in the paper's code:
+    '<image>\\n Reply either ...'): 'sequence' = the probability of the whole name as the model writes it (exp of
+    the summed log-probabilities of its tokens, teacher forced in the steered forward; flip = log p(tgt) > log
+    p(src)); 'first-token' = the next-token probability of the first token of the name tokenized alone (the
+    earlier scoring; with the Mistral tokenizer 93 of the 100 single-word classes are several tokens)."""
     batch_size: int = 32
-    """Prompts per forward pass."""
+    """Rows per forward pass (with 'sequence' scoring a case takes two rows when its names differ before their
+    last token)."""
     dtype: Dtype = "float32"
     """Model dtype."""
     device: str | None = None
@@ -99,34 +111,104 @@ class Config:
 
 
 def first_token(tokenizer: Any, word: str) -> int:
-    """Id of the first token the model would emit to start answering ``word``."""
+    """Id of the first token of ``word`` tokenized alone (the ``--answer-scoring first-token`` id)."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     return int(ids[0])
 
 
-def efficacy(model: Any, processor: Any, layer: int, cases: list[dict[str, Any]], strengths: list[float],
-             positions: str, batch_size: int) -> dict[float, dict[str, float]]:
-    """``{k: {p_tgt, p_src, flip_rate}}`` averaged over ``cases`` (image, prompt, v, ids of tgt/src)."""
+ANSWER_KEYS = ("tgt_ids", "src_ids")
+
+
+def answer_scores(model: Any, processor: Any, layer: int, cases: list[dict[str, Any]], strengths: list[float],
+                  positions: str, batch_size: int, scoring: str = "first-token") -> dict[float, list[dict[str, float]]]:
+    """``{k: [{tgt_ids: score, src_ids: score} per case]}`` with ``k * v`` added at ``layer``.
+
+    A case holds an image, its prompt, the vector ``v`` and the token ids of the two answers (``tgt_ids``,
+    ``src_ids``). ``scoring="first-token"``: the next-token probability of each answer's first id after the
+    prompt. ``"sequence"``: the summed log-probability of all of an answer's ids after the prompt, teacher
+    forced, in the same steered forward: a row is the prompt followed by the answer's ids but its last (never
+    an input), so on left-padded rows the logits of the last ``n_max`` positions (``logits_to_keep``) predict
+    every row's answer tokens; never the full ``[B, T, V]``. The two answers of a case share a row when they
+    differ only in their last token (always, for one-token names). The appended tokens are the model's own
+    output, steered as generated tokens are: only with ``positions="all"``."""
     import torch
 
     from lineofsight.models import vlm_inputs
     from lineofsight.steering import steer
 
-    sums = {k: {"p_tgt": 0.0, "p_src": 0.0, "flip_rate": 0.0} for k in strengths}
     # Case-major, so that a batch holds few images at many k; each is encoded once (vlm_inputs).
-    work = [(k, case) for case in cases for k in strengths]
-    for lo in range(0, len(work), batch_size):
-        batch = work[lo : lo + batch_size]
-        inputs = vlm_inputs(model, processor, [c["image"] for _, c in batch], [c["prompt"] for _, c in batch])
-        delta = torch.stack([k * c["v"] for k, c in batch])
-        with torch.no_grad(), steer(model, layer, delta, inputs["input_ids"], inputs["attention_mask"], positions):
-            # Left padding: the last position is every row's next token; only it gets logits ([B, 1, V]).
-            probs = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float().softmax(-1)
-        for row, (k, c) in enumerate(batch):
-            p_tgt, p_src = float(probs[row, c["tgt_id"]]), float(probs[row, c["src_id"]])
+    rows: list[tuple[float, int, tuple[int, ...]]] = []  # (k, case, ids appended to the prompt)
+    for i, case in enumerate(cases):
+        inputs_of = [()] if scoring == "first-token" else list(dict.fromkeys(tuple(case[key][:-1])
+                                                                             for key in ANSWER_KEYS))
+        rows += [(k, i, extra) for k in strengths for extra in inputs_of]
+    scores: dict[tuple[float, int], dict[str, float]] = {}
+    for lo in range(0, len(rows), batch_size):
+        batch = rows[lo : lo + batch_size]
+        inputs = vlm_inputs(model, processor, [cases[i]["image"] for _, i, _ in batch],
+                            [cases[i]["prompt"] for _, i, _ in batch])
+        n_keep = 1 + max(len(extra) for _, _, extra in batch)
+        steered = inputs["attention_mask"]
+        if n_keep > 1:
+            inputs, prompt_mask = _append_ids(inputs, [extra for _, _, extra in batch], processor.tokenizer.pad_token_id)
+            steered = inputs["attention_mask"] if positions == "all" else prompt_mask
+        delta = torch.stack([k * cases[i]["v"] for k, i, _ in batch])
+        with torch.no_grad(), steer(model, layer, delta, inputs["input_ids"], steered, positions):
+            # Left padding: every row ends at the last position; only the last n_keep positions get logits.
+            logits = model(**inputs, use_cache=False, logits_to_keep=n_keep).logits
+        if scoring == "first-token":
+            probs = logits[:, -1].float().softmax(-1)
+            for row, (k, i, _) in enumerate(batch):
+                scores[k, i] = {key: float(probs[row, cases[i][key][0]]) for key in ANSWER_KEYS}
+            continue
+        logp = logits.float().log_softmax(-1)  # [B, n_keep, V]
+        for row, (k, i, extra) in enumerate(batch):
+            for key in ANSWER_KEYS:
+                ids = cases[i][key]
+                if tuple(ids[:-1]) == extra:
+                    target = torch.tensor(ids, device=logp.device)[:, None]
+                    scores.setdefault((k, i), {})[key] = float(logp[row, n_keep - len(ids) :].gather(-1, target).sum())
+    return {k: [scores[k, i] for i in range(len(cases))] for k in strengths}
+
+
+def _append_ids(inputs: dict[str, Any], extras: list[tuple[int, ...]], pad_id: int) -> tuple[dict[str, Any], Any]:
+    """``inputs`` with ``extras[b]`` appended to row ``b``, rows left padded again to a common length (the image
+    features stay as they are: they fill the image tokens in order); and the mask of the prompt tokens alone."""
+    import torch
+
+    ids, attention = inputs["input_ids"], inputs["attention_mask"]
+    B, T = ids.shape
+    M = max(len(extra) for extra in extras)
+    new_ids = ids.new_full((B, T + M), pad_id)
+    new_attention = attention.new_zeros((B, T + M))
+    prompt_mask = attention.new_zeros((B, T + M))
+    for b, extra in enumerate(extras):
+        shift = M - len(extra)
+        new_ids[b, shift : shift + T] = ids[b]
+        new_attention[b, shift : shift + T] = attention[b]
+        prompt_mask[b, shift : shift + T] = attention[b]
+        if extra:
+            new_ids[b, T + shift :] = torch.tensor(extra, dtype=ids.dtype)
+            new_attention[b, T + shift :] = 1
+    return {**inputs, "input_ids": new_ids, "attention_mask": new_attention}, prompt_mask
+
+
+def efficacy(model: Any, processor: Any, layer: int, cases: list[dict[str, Any]], strengths: list[float],
+             positions: str, batch_size: int, scoring: str = "first-token") -> dict[float, dict[str, float]]:
+    """``{k: {p_tgt, p_src, flip_rate}}`` averaged over ``cases`` (:func:`answer_scores`). ``p_tgt``/``p_src``: the
+    probability of the answer, ``exp`` of its summed log-probability (``"sequence"``) or the first token's
+    (``"first-token"``); ``flip_rate``: the share of cases where tgt's score is above src's."""
+    import math
+
+    per_case = answer_scores(model, processor, layer, cases, strengths, positions, batch_size, scoring)
+    sums = {k: {"p_tgt": 0.0, "p_src": 0.0, "flip_rate": 0.0} for k in strengths}
+    for k, scores in per_case.items():
+        for s in scores:
+            p_tgt, p_src = ((s["tgt_ids"], s["src_ids"]) if scoring == "first-token"
+                            else (math.exp(s["tgt_ids"]), math.exp(s["src_ids"])))
             sums[k]["p_tgt"] += p_tgt
             sums[k]["p_src"] += p_src
-            sums[k]["flip_rate"] += float(p_tgt > p_src)
+            sums[k]["flip_rate"] += float(s["tgt_ids"] > s["src_ids"])
     return {k: {name: value / len(cases) for name, value in s.items()} for k, s in sums.items()}
 
 
@@ -222,7 +304,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
         read_sharegpt4v,
         recorded_resize,
     )
-    from lineofsight.models import check_layer, check_model, format_prompt
+    from lineofsight.models import answer_token_ids, check_layer, check_model, format_prompt
     from lineofsight.prompts import CAPTION_QUESTION, FORCED_CHOICE_TEMPLATE
     from lineofsight.steering import load_vectors, paper_strengths, vector_pairs
     from lineofsight.toy import ensure_toy_world
@@ -262,6 +344,16 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
         raise UserError(f"no readable caption images in {cfg.data} ({skips.summary()})")
     run.open(cfg.out, overwrite=cfg.overwrite)
 
+    answer_cache: dict[tuple[str, str], list[int]] = {}
+
+    def answer_ids(prompt: str, name: str) -> list[int]:
+        if (prompt, name) not in answer_cache:
+            try:
+                answer_cache[prompt, name] = answer_token_ids(processor, prompt, name)
+            except ValueError as err:
+                raise UserError(f"--answer-scoring sequence: {err}") from None
+        return answer_cache[prompt, name]
+
     metrics: dict[str, Any] = {}
     for layer in cfg.layer:
         run.check_alive()
@@ -274,7 +366,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
             if key not in vectors:
                 raise UserError(f"no steering vector for {key} at layer {layer} in {cfg.vectors}")
             src_id, tgt_id = first_token(tok, src), first_token(tok, tgt)
-            if src_id == tgt_id:
+            if src_id == tgt_id and cfg.answer_scoring == "first-token":
                 print(f"warning: {src} and {tgt} start with the same token; efficacy cannot tell them apart")
             items = imagenet_items(cfg.imagenet_dir, cfg.split, [index.label(src)], index, cfg.images_per_pair)
             for i, item in enumerate(items):
@@ -282,11 +374,15 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
                 if image is None:
                     continue
                 a, b = (src, tgt) if i % 2 == 0 else (tgt, src)
-                cases.append({"image": image, "prompt": format_prompt(processor, FORCED_CHOICE_TEMPLATE.format(a=a, b=b)),
-                              "v": vectors[key].float(), "src_id": src_id, "tgt_id": tgt_id})
+                prompt = format_prompt(processor, FORCED_CHOICE_TEMPLATE.format(a=a, b=b))
+                if cfg.answer_scoring == "first-token":
+                    answers = {"src_ids": [src_id], "tgt_ids": [tgt_id]}
+                else:
+                    answers = {"src_ids": answer_ids(prompt, src), "tgt_ids": answer_ids(prompt, tgt)}
+                cases.append({"image": image, "prompt": prompt, "v": vectors[key].float(), **answers})
         if not cases:
             raise UserError(f"no readable source images in {cfg.imagenet_dir / cfg.split} ({skips.summary()})")
-        eff = efficacy(model, processor, layer, cases, strengths, cfg.positions, cfg.batch_size)
+        eff = efficacy(model, processor, layer, cases, strengths, cfg.positions, cfg.batch_size, cfg.answer_scoring)
         # k = 0 is the unsteered model: the same baseline for every pair, computed once.
         some_v = next(iter(vectors.values())).float()
         base = steered_caption_nll(model, processor, layer, captions, some_v, [0.0], cfg.positions, cfg.batch_size)[0.0]
@@ -306,9 +402,11 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
         for k, s in by_k.items():
             metrics[str(layer)].setdefault(str(round(k, 6)), {}).update(s)
 
-    result = {"metrics": metrics, "k": strengths, "positions": cfg.positions, "n_captions": len(captions),
+    result = {"metrics": metrics, "k": strengths, "positions": cfg.positions, "answer_scoring": cfg.answer_scoring,
+              "n_captions": len(captions),
               "skipped": skips.to_dict(), "vectors": str(cfg.vectors), "model": cfg.model}
-    plot_curves(metrics, [("p_tgt", "p(tgt)"), ("p_src", "p(src)")], "probability of first token",
+    ylabel = "probability of the answer" if cfg.answer_scoring == "sequence" else "probability of first token"
+    plot_curves(metrics, [("p_tgt", "p(tgt)"), ("p_src", "p(src)")], ylabel,
                 "Efficacy: forced choice under steering", run.out / "efficacy.png")
     plot_curves(metrics, [("damage_nll", "")], "caption NLL increase (nats/token)", "Damage", run.out / "damage.png")
     if cfg.rollouts is not None:

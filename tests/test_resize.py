@@ -23,6 +23,30 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
 
 
+@pytest.fixture
+def run_in(capsys):
+    """Run a script's command line in this process (no interpreter + torch start-up per call): the same parse,
+    one-line error and exit code as ``python script ...``, returned like subprocess.run's result."""
+    from conftest import load_script
+
+    from lineofsight.cli import run as run_cli
+
+    modules: dict[str, object] = {}
+
+    def call(script: str, *args: str) -> subprocess.CompletedProcess:
+        module = modules.setdefault(script, load_script(script))
+        capsys.readouterr()
+        try:
+            run_cli(module.main, module.Config, list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, out.out, out.err)
+
+    return call
+
+
 def _error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -45,44 +69,44 @@ def test_check_resize_match():
     assert recorded_resize({"resize": None}) is None and recorded_resize({}) == UNRECORDED
 
 
-def test_vectors_record_the_resize_and_rollouts_refuse_another(small_world, tmp_path):
+def test_vectors_record_the_resize_and_rollouts_refuse_another(small_world, tmp_path, run_in):
     imagenet = str(small_world / "imagenet")
-    acts = _run("probes/compute_image_activations.py", "--imagenet-dir", imagenet, "--images-per-class", "2",
+    acts = run_in("probes/compute_image_activations.py", "--imagenet-dir", imagenet, "--images-per-class", "2",
                 "--resize", "48", "--out", str(tmp_path / "acts"))
     assert acts.returncode == 0, acts.stderr[-3000:]
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("circle@square\n")
-    vec = _run("steering/compute_steering_vectors.py", "--activations", str(tmp_path / "acts"), "--pairs", str(pairs),
+    vec = run_in("steering/compute_steering_vectors.py", "--activations", str(tmp_path / "acts"), "--pairs", str(pairs),
                "--out", str(tmp_path / "vec"))
     assert vec.returncode == 0, vec.stderr[-3000:]
     assert json.loads((tmp_path / "vec" / "vectors.json").read_text())["resize"] == 48
     common = ["steering/steering_rollouts.py", "--vectors", str(tmp_path / "vec"), "--imagenet-dir", imagenet,
               "--layer", "1", "--images-per-pair", "1", "--k", "0", "--max-new-tokens", "2"]
-    line = _error_line(_run(*common, "--out", str(tmp_path / "r1")))
+    line = _error_line(run_in(*common, "--out", str(tmp_path / "r1")))
     assert line == (f"error: --resize none reads full-size images, but the steering vectors in {tmp_path / 'vec'} "
                     "was made from 48 x 48 px images (a different image-token count and grid); pass --resize 48, "
                     "or --allow-resize-mismatch"), line
     assert not (tmp_path / "r1").exists()
     for extra in (["--resize", "48"], ["--allow-resize-mismatch"]):
-        proc = _run(*common, *extra, "--out", str(tmp_path / f"r{len(extra)}"))
+        proc = run_in(*common, *extra, "--out", str(tmp_path / f"r{len(extra)}"))
         assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_saes_record_the_resize_of_their_images_and_consumers_check_it(small_world, tmp_path):
+def test_saes_record_the_resize_of_their_images_and_consumers_check_it(small_world, tmp_path, run_in):
     data = str(small_world / "sharegpt4v.json")
-    cache = _run("sae/cache_activations.py", "--data", data, "--layers", "1", "--limit", "2", "--resize", "48",
+    cache = run_in("sae/cache_activations.py", "--data", data, "--layers", "1", "--limit", "2", "--resize", "48",
                  "--out", str(tmp_path / "cache"))
     assert cache.returncode == 0, cache.stderr[-3000:]
     (folder,) = (tmp_path / "cache").glob("tokens-*")
     assert json.loads((folder / "metadata.json").read_text())["key"]["resize"] == 48
     train = ["sae/sae-trainer.py", "--activations", str(folder), "--expansion", "2", "--batch-size", "32",
              "--total-tokens", "64"]
-    line = _error_line(_run(*train, "--resize", "64", "--out", str(tmp_path / "bad")))
+    line = _error_line(run_in(*train, "--resize", "64", "--out", str(tmp_path / "bad")))
     assert "--resize 64 reads 64 x 64 px images, but the token cache" in line and "48 x 48 px" in line, line
-    proc = _run(*train, "--out", str(tmp_path / "sae"))  # the cache's resize by default
+    proc = run_in(*train, "--out", str(tmp_path / "sae"))  # the cache's resize by default
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "sae" / "saes" / "L1" / "cfg.json").read_text())["resize"] == 48
-    online = _run("sae/sae-trainer.py", "--data", data, "--layer", "1", "--resize", "40", "--expansion", "2",
+    online = run_in("sae/sae-trainer.py", "--data", data, "--layer", "1", "--resize", "40", "--expansion", "2",
                   "--batch-size", "32", "--buffer-batches", "2", "--total-tokens", "64", "--out", str(tmp_path / "on"))
     assert online.returncode == 0, online.stderr[-3000:]
     assert json.loads((tmp_path / "on" / "saes" / "L1" / "cfg.json").read_text())["resize"] == 40
@@ -90,9 +114,9 @@ def test_saes_record_the_resize_of_their_images_and_consumers_check_it(small_wor
     evaluate = ["--data", data, "--offset", "2", "--limit", "2", "--batch-size", "2"]
     for script, flag in (("sae/evaluation/modality.py", "--saes"), ("sae/evaluation/eval_sae.py", "--sae")):
         out = str(tmp_path / Path(script).stem)
-        line = _error_line(_run(script, flag, str(tmp_path / "sae"), *evaluate, "--out", out))
+        line = _error_line(run_in(script, flag, str(tmp_path / "sae"), *evaluate, "--out", out))
         assert "--resize none reads full-size images, but the SAE" in line and "pass --resize 48" in line, line
-        proc = _run(script, flag, str(tmp_path / "sae"), *evaluate, "--resize", "48", "--out", out)
+        proc = run_in(script, flag, str(tmp_path / "sae"), *evaluate, "--resize", "48", "--out", out)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
 

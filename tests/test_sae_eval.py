@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import ROOT, build_tiny, images, load_script
 
+from lineofsight import sae_eval
 from lineofsight.harvest import Harvester
 from lineofsight.sae import SAEConfig, SparseAutoencoder
 from lineofsight.steering import load_vectors
 
-eval_sae = load_script("sae/evaluation/eval_sae.py")
 modality = load_script("sae/evaluation/modality.py")
 approx = load_script("sae/approximate_steering_vectors.py")
 
@@ -30,7 +30,7 @@ def test_stats_match_hand_computation():
     x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 2.0]])
     x_hat = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
     latents = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0, 3.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    st = eval_sae.Stats(d_in=2, d_sae=4)
+    st = sae_eval.Stats(d_in=2, d_sae=4)
     st.add(x[:2], x_hat[:2], latents[:2])  # streamed in two pieces
     st.add(x[2:], x_hat[2:], latents[2:])
     r = st.result(dense_threshold=0.5)
@@ -42,8 +42,8 @@ def test_stats_match_hand_computation():
     assert r["cosine"] == pytest.approx(sum(cos) / 3)
     assert r["dead_frac"] == pytest.approx(0.5)  # latents 2 and 3 never fire
     assert r["dense_frac"] == pytest.approx(0.25)  # latent 0 fires on 3/3 > 0.5; latent 1 on 1/3
-    assert eval_sae.ce_recovered(2.0, 2.0, 5.0) == 1.0 and eval_sae.ce_recovered(2.0, 5.0, 5.0) == 0.0
-    assert eval_sae.ce_recovered(2.0, 3.5, 5.0) == pytest.approx(0.5)
+    assert sae_eval.ce_recovered(2.0, 2.0, 5.0) == 1.0 and sae_eval.ce_recovered(2.0, 5.0, 5.0) == 0.0
+    assert sae_eval.ce_recovered(2.0, 3.5, 5.0) == pytest.approx(0.5)
 
 
 def _identity_sae(d: int) -> SparseAutoencoder:
@@ -61,7 +61,7 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_zero_sae():
     harvester = Harvester(model, processor, [2], max_caption_tokens=32)
     captions = ["A red ball lies on green grass.", "Three birds sit on a wire against a grey sky."]
     batches = [([0, 1], captions, images([(32, 32), (64, 32)], seed=5))]
-    ident = eval_sae.evaluate(model, _identity_sae(64), harvester, batches, 0.1)
+    ident = sae_eval.evaluate(model, _identity_sae(64), harvester, batches, 0.1)
     for splice in ("image", "text", "all"):
         assert ident["ce_recovered"][splice] == 1.0
         assert ident["ce"][f"zero/{splice}"] != ident["ce"]["clean"]
@@ -71,7 +71,7 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_zero_sae():
     zero = SparseAutoencoder(SAEConfig(d_in=64, d_sae=128))
     with torch.no_grad():
         zero.W_dec.zero_()
-    res = eval_sae.evaluate(model, zero.eval(), harvester, batches, 0.1)
+    res = sae_eval.evaluate(model, zero.eval(), harvester, batches, 0.1)
     for splice in ("image", "text", "all"):
         assert res["ce_recovered"][splice] == 0.0
     assert res["fvu"]["all"] >= 1.0  # x_hat = 0: sum ||x||^2 >= sum ||x - mean||^2
@@ -86,7 +86,7 @@ def _old_evaluate(model, sae, harvester, batches):
     from lineofsight.models import layer_names
 
     fork_at = layer_names(model)[harvester.layers[0]:]
-    nll, n_caption = dict.fromkeys(eval_sae.RUNS, 0.0), 0
+    nll, n_caption = dict.fromkeys(sae_eval.RUNS, 0.0), 0
     image_code, text_code = TOKEN_TYPES.index("image"), TOKEN_TYPES.index("text_in_context")
     for _, captions, imgs in batches:
         inputs, keep, kind = harvester.prepare_with_image(captions, imgs)
@@ -97,7 +97,7 @@ def _old_evaluate(model, sae, harvester, batches):
             recon = torch.zeros_like(x)
             recon[keep] = sae(x[keep])[0].to(x.dtype)
             out = [x]
-            for splice in eval_sae.SPLICES:
+            for splice in sae_eval.SPLICES:
                 where = masks[splice][..., None]
                 out += [torch.where(where, torch.zeros_like(x), x), torch.where(where, recon, x)]
             return out
@@ -105,7 +105,7 @@ def _old_evaluate(model, sae, harvester, batches):
         first = int(caption.int().argmax(1)[caption.any(1)].min())
         with torch.no_grad(), fork_batch(model, fork_at, variants):
             logits = model(**inputs, use_cache=False, logits_to_keep=ids.shape[1] - first + 1).logits
-        for run, logits_BTV in zip(eval_sae.RUNS, logits.unflatten(0, (len(eval_sae.RUNS), ids.shape[0]))):
+        for run, logits_BTV in zip(sae_eval.RUNS, logits.unflatten(0, (len(sae_eval.RUNS), ids.shape[0]))):
             value, count = caption_nll(logits_BTV, ids, caption)
             nll[run] += value
         n_caption += count
@@ -122,16 +122,16 @@ def test_chunked_fork_equals_one_pass():
     batches = [([0, 1], captions[:2], images([(32, 32), (64, 32)], seed=5)), ([2], captions[2:], images([(32, 64)]))]
     sae = SparseAutoencoder(SAEConfig(d_in=64, d_sae=256, activation="topk", k=8), seed=3).eval()
     ref = _old_evaluate(model, sae, harvester, batches)
-    results = [eval_sae.evaluate(model, sae, harvester, batches, 0.1, fork_rows=rows, nll_chunk_tokens=nll_chunk,
+    results = [sae_eval.evaluate(model, sae, harvester, batches, 0.1, fork_rows=rows, nll_chunk_tokens=nll_chunk,
                                  sae_chunk_latents=sae_chunk)
                for rows, nll_chunk, sae_chunk in ((14, 4096, 2**26), (None, 3, 256 * 5), (3, 7, 256), (1, 1, 2**26))]
     for res in results:
-        for run in eval_sae.RUNS:
+        for run in sae_eval.RUNS:
             assert res["ce"][run] == pytest.approx(ref[run], rel=1e-6, abs=1e-6), run
         assert res["ce"]["sae/all"] != res["ce"]["clean"]
         assert res["n_caption_tokens"] == results[0]["n_caption_tokens"]
         for metric in ("l0", "fvu", "cosine", "dead_frac", "dense_frac", "n_tokens"):
-            for g in eval_sae.GROUPS:
+            for g in sae_eval.GROUPS:
                 assert res[metric][g] == pytest.approx(results[0][metric][g], rel=1e-6, abs=1e-9), (metric, g)
 
 
@@ -238,16 +238,19 @@ def test_modality_and_approximation_scripts_run(toy_sae, tmp_path):
               vec / "vectors.safetensors")
     (vec / "vectors.json").write_text(json.dumps({"layers": [2], "pairs": ["circle@square", "star@ring"]}))
     args = ["sae/approximate_steering_vectors.py", "--vectors", str(vec), "--sae", str(run), "--steps", "50",
-            "--lambdas", "0.001", "0.01", "--export-lambda", "0.01", "--out", str(tmp_path / "ap")]
+            "--lambdas", "0.001", "0.01", "--export-lambda", "0.01", "0.001", "--out", str(tmp_path / "ap")]
     proc = _run(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "ap" / "approximation.json").read_text())
-    assert set(res["steering"]["by_lambda"]) == {"0.001", "0.01"}
-    exported, info = load_vectors(tmp_path / "ap" / "vectors", 2)
-    assert sorted(exported) == ["circle@square", "star@ring"] and info["pairs"] == ["circle@square", "star@ring"]
+    assert set(res["steering"]["by_lambda"]) == {"0.001", "0.01"} and res["bases"] == ["sae"]
     original, _ = load_vectors(vec, 2)
-    for name, v in exported.items():
-        assert float(v.norm()) == pytest.approx(float(original[name].norm()), rel=1e-5)
+    for lam in ("0.01", "0.001"):
+        exported, info = load_vectors(tmp_path / "ap" / "vectors" / f"lambda{lam}", 2)
+        assert sorted(exported) == ["circle@square", "star@ring"] and info["pairs"] == ["circle@square", "star@ring"]
+        assert info["basis"] == "sae" and info["lambda"] == float(lam)
+        assert info["mean_l0"] == res["steering"]["by_lambda"][lam]["l0"]
+        for name, v in exported.items():
+            assert float(v.norm()) == pytest.approx(float(original[name].norm()), rel=1e-5)
     again = _run(args)  # an earlier run in --out is replaced only with --overwrite
     assert again.returncode == 2 and "already holds a run" in again.stderr.strip().splitlines()[-1]
     assert _run([*args, "--overwrite"]).returncode == 0
@@ -302,3 +305,49 @@ def test_eval_resize_mismatch_is_one_line_exit_2(toy_sae, tmp_path):
     proc = _run([*args, "--allow-resize-mismatch", "--out", str(tmp_path / "o")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "o" / "eval.json").read_text())["n_records"] == 2
+
+
+@pytest.mark.parametrize("kind", ["next-mistral", "next-llama", "next-qwen2"])
+def test_mlp_output_directions_are_the_down_projection_columns(tiny_models, kind):
+    from lineofsight.models import mlp_output_directions
+
+    model, _ = tiny_models(kind)
+    for block in (0, 2):
+        down = model.model.language_model.layers[block].mlp.down_proj.weight  # [d_model, d_mlp]
+        directions = mlp_output_directions(model, block)
+        assert directions.shape == (128, 64)
+        assert torch.equal(directions, torch.nn.functional.normalize(down.detach().T, dim=-1))
+
+
+def test_neuron_basis_finds_one_scaled_neuron(tiny_model_dir, tmp_path, capsys):
+    """--basis neurons at layer 2 reads block 1's MLP: a vector that is 2.5 times one of its neuron directions
+    is found with one open gate and cosine 1; its export keeps the norm. Layer 0 has no block before it."""
+    from lineofsight import cli
+    from lineofsight.models import load_vlm, mlp_output_directions
+    from lineofsight.steering import save_vectors
+
+    model, _ = load_vlm(str(tiny_model_dir))
+    neuron = model.model.language_model.layers[1].mlp.down_proj.weight[:, 7].detach()
+    assert not torch.allclose(mlp_output_directions(model, 0)[7], neuron / neuron.norm())  # blocks differ
+    target = 2.5 * neuron / neuron.norm()
+    save_vectors(tmp_path / "vec", {("circle", "square", 2): target}, {"method": "diff"})
+    res = approx.main(approx.Config(vectors=tmp_path / "vec", basis=("neurons",), layer=2, model=str(tiny_model_dir),
+                                    lambdas=(3e-2,), steps=100, lr=5e-2, export_lambda=(3e-2,), out=tmp_path / "ap",
+                                    device="cpu"))
+    assert res["bases"] == ["neurons"] and "steering" not in res
+    assert (res["neurons"]["block"], res["neurons"]["d_mlp"]) == (1, 128)
+    [row] = res["neurons"]["steering"]["per_vector"]
+    assert row["l0"] == 1 and row["cosine"] > 0.9999
+    exported, info = load_vectors(tmp_path / "ap" / "vectors" / "lambda0.03", 2)
+    assert info["basis"] == "neurons" and info["mean_l0"] == 1
+    assert torch.allclose(exported["circle@square"], target, atol=1e-4)
+    assert (tmp_path / "ap" / "approximation.png").is_file()
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.run(approx.main, approx.Config, ["--vectors", str(tmp_path / "vec"), "--basis", "sae", "neurons",
+                                             "--layer", "0", "--model", str(tiny_model_dir), "--out",
+                                             str(tmp_path / "l0")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "no decoder block writes into layer 0" in err[0]
+    assert not (tmp_path / "l0").exists()

@@ -235,7 +235,7 @@ def test_eval_steering_metrics(tiny_setup, tmp_path):
     assert metrics["2"]["0.0"]["caption_nll_unsteered"] == pytest.approx(base, rel=1e-4)
     assert metrics["2"]["20.0"]["damage_nll"] == pytest.approx(damage, rel=1e-3, abs=1e-5)
     assert abs(damage) > 1e-3  # the reference itself moved: the check is not 0 == 0
-    assert result["n_captions"] == 3
+    assert result["n_captions"] == 3 and result["answer_scoring"] == "sequence"  # the default, recorded
     for plot in ("efficacy.png", "damage.png"):
         assert (tmp_path / "e" / plot).stat().st_size > 1000
     run_record = json.loads((tmp_path / "e" / "run.json").read_text())
@@ -250,13 +250,15 @@ def test_rollouts_bad_layer(tiny_setup, tmp_path):
 def test_steering_flips_the_toy_models_answer(tmp_path_factory):
     """The paper's causal result on the embedded toy: adding v(src@tgt) at the image tokens of one
     layer makes the forced choice name tgt instead of src. The layer and k are searched in a small
-    grid, not given: some (layer, k) must flip >= 80 % of held-out src images, k = 0 at most 5 %."""
+    grid, not given: some (layer, k) must flip >= 80 % of held-out src images, k = 0 at most 5 %. (The toy
+    retrained with the lettered task reads the class off the image tokens within block 0: it flips every image
+    at layer 0 from k = 4, one pair in three at layers 1-2.)"""
     from lineofsight.toy import generate_world
 
     world = generate_world(tmp_path_factory.mktemp("flip_world") / "w", seed=2, n_train_per_class=12,
                            n_val_per_class=5, n_captions=4)
     tmp = tmp_path_factory.mktemp("flip")
-    layers = (1, 2, 3)
+    layers = (0, 1, 2)
     cache = extract.main(extract.Config(model="toy", imagenet_dir=world / "imagenet", images_per_class=12,
                                         layers=layers, out=tmp / "acts"))
     (tmp / "pairs.txt").write_text("circle@star\nsquare@triangle\nheart@ring\n")
@@ -375,7 +377,7 @@ def test_eval_steering_logits_only_where_used_equal_full_logits(tiny_models, chu
         assert new[4.0] != new[0.0]
 
     # The forced choice: logits of the last position alone equal the last row of full logits.
-    cases = [{"image": c["image"], "prompt": format_prompt(processor, q), "v": v, "tgt_id": 5, "src_id": 9}
+    cases = [{"image": c["image"], "prompt": format_prompt(processor, q), "v": v, "tgt_ids": [5], "src_ids": [9]}
              for c, q in zip(captions, ["Is it red?", "Reply either a or b.", "Which one?"])]
     got = eval_script.efficacy(model, processor, 2, cases, strengths, "image", 4)
     from lineofsight.models import vlm_inputs

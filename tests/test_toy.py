@@ -18,7 +18,18 @@ from conftest import ROOT, load_script
 from lineofsight.cli import UserError
 from lineofsight.models import format_prompt, image_token_mask, layer_names, load_vlm
 from lineofsight.paths import TOY_MODEL_DIR
-from lineofsight.toy import CLASSES, evaluate_toy, generate_world, heldout_samples
+from lineofsight.prompts import MC_LETTERS, multiple_choice
+from lineofsight.toy import (
+    _RGB,
+    CLASSES,
+    MC_SUBJECTS,
+    evaluate_toy,
+    generate_world,
+    heldout_samples,
+    make_samples,
+    mc_items,
+    mc_task,
+)
 
 
 def _tree_digest(root: Path) -> str:
@@ -30,9 +41,10 @@ def _tree_digest(root: Path) -> str:
 
 
 def test_world_is_deterministic_and_in_real_layouts(tmp_path):
-    kw = dict(seed=3, n_train_per_class=2, n_val_per_class=1, n_captions=4)
+    kw = dict(seed=3, n_train_per_class=2, n_val_per_class=1, n_captions=4, n_benchmark=16)
     a, b = generate_world(tmp_path / "a", **kw), generate_world(tmp_path / "b", **kw)
-    assert _tree_digest(a) == _tree_digest(b)
+    assert _tree_digest(a) == _tree_digest(b)  # the benchmark datasets included, bit for bit
+    assert {p.name for p in (a / "benchmarks").iterdir()} == {"aokvqa", "mmmu_pro"}
     assert _tree_digest(generate_world(tmp_path / "c", **{**kw, "seed": 4})) != _tree_digest(a)
     index = json.loads((a / "imagenet" / "imagenet_class_index.json").read_text())
     assert [index[str(i)][1] for i in range(len(index))] == list(CLASSES) and len(CLASSES) >= 8
@@ -49,6 +61,99 @@ def test_world_is_deterministic_and_in_real_layouts(tmp_path):
     before = (a / "world.json").stat().st_mtime_ns
     generate_world(tmp_path / "a", **kw)  # same config: a no-op
     assert (a / "world.json").stat().st_mtime_ns == before
+
+
+# The columns and feature types of the real datasets (their hub dataset_info), written out here as the reference.
+AOKVQA_FEATURES = {
+    "question_id": "Value('string')",
+    "image": "Image(mode=None, decode=True)",
+    "question": "Value('string')",
+    "choices": "List(Value('string'))",
+    "correct_choice_idx": "Value('int8')",
+    "direct_answers": "List(Value('string'))",
+    "difficult_direct_answer": "Value('bool')",
+    "rationales": "List(Value('string'))",
+}
+MMMU_PRO_FEATURES = {
+    "id": "Value('string')",
+    "question": "Value('string')",
+    "options": "Value('string')",
+    "explanation": "Value('string')",
+    **{f"image_{i}": "Image(mode=None, decode=True)" for i in range(1, 8)},
+    "image_type": "Value('string')",
+    "answer": "Value('string')",
+    "topic_difficulty": "Value('string')",
+    "subject": "Value('string')",
+}
+
+
+def _shape_rgb(image, mask):
+    """Mean colour of the pixels the shape covers fully."""
+    import numpy as np
+
+    return np.asarray(image, dtype=float)[mask > 0.99].mean(0)
+
+
+def test_world_benchmarks_have_the_hub_schemas_and_right_answers(small_world):
+    """The toy's multiple-choice benchmarks load with datasets.load_from_disk, in exactly the columns and feature
+    types of HuggingFaceM4/A-OKVQA and MMMU/MMMU_Pro "standard (4 options)"; every answer names what the
+    image shows (its pixels are the rendered sample's, and the colour answer is the shape pixels' nearest colour)."""
+    import ast
+
+    import datasets
+    import numpy as np
+
+    aokvqa = datasets.load_from_disk(str(small_world / "benchmarks" / "aokvqa"))
+    mmmu = datasets.load_from_disk(str(small_world / "benchmarks" / "mmmu_pro"))
+    assert list(aokvqa) == ["validation"] and list(mmmu) == ["test"]
+    aokvqa, mmmu = aokvqa["validation"], mmmu["test"]
+    assert {k: repr(v) for k, v in aokvqa.features.items()} == AOKVQA_FEATURES
+    assert {k: repr(v) for k, v in mmmu.features.items()} == MMMU_PRO_FEATURES
+    assert list(aokvqa.features) == list(AOKVQA_FEATURES) and list(mmmu.features) == list(MMMU_PRO_FEATURES)
+    assert len(aokvqa) == len(mmmu) == 96
+    subjects = list(mmmu["subject"])
+    assert sorted(set(subjects)) == sorted(MC_SUBJECTS) and subjects.count("Shape") == 48
+
+    shape_question = MC_SUBJECTS["Shape"][0]
+    for row, sample in zip(aokvqa, make_samples(12, 0, "benchmark/aokvqa")):
+        assert np.array_equal(np.asarray(row["image"]), np.asarray(sample.image))
+        assert row["question"] == shape_question and len(row["choices"]) == len(set(row["choices"])) == 4
+        assert row["choices"][row["correct_choice_idx"]] == sample.cls and row["direct_answers"][0] == sample.cls
+    samples = make_samples(6, 0, "benchmark/mmmu_pro")
+    for k, row in enumerate(mmmu):
+        sample = samples[k // 2]  # a shape item, then a colour item, per image
+        options = ast.literal_eval(row["options"])
+        assert row["options"] == repr(options) and len(set(options)) == 4 and all(isinstance(o, str) for o in options)
+        assert np.array_equal(np.asarray(row["image_1"]), np.asarray(sample.image))
+        assert all(row[f"image_{i}"] is None for i in range(2, 8))
+        assert row["question"] == MC_SUBJECTS[row["subject"]][0] and row["answer"] in MC_LETTERS[:4]
+        picked = options[MC_LETTERS.index(row["answer"])]
+        if row["subject"] == "Shape":
+            assert picked == sample.cls
+        else:
+            rgb = _shape_rgb(row["image_1"], sample.mask)
+            assert picked == sample.colour == min(_RGB, key=lambda c: np.abs(rgb - _RGB[c]).sum())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        generate_world(small_world.parent / "bad", n_benchmark=24)
+
+
+def test_toy_model_answers_multiple_choice():
+    """The committed toy model answers the lettered multiple choice (the prompt of lineofsight.prompts) about fresh
+    images with the right letter: one batched forward, 32 items, shape and colour, 90 % each (eval_toy's bar)."""
+    model, processor = load_vlm("toy")
+    items = mc_items(heldout_samples(2, seed=12))
+    assert len(items) == 32 and items[0].prompt == multiple_choice(items[0].question, items[0].options)
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    inputs = processor(text=[format_prompt(processor, it.prompt) for it in items],
+                       images=[it.sample.image for it in items], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        next_B = model(**inputs).logits[:, -1].argmax(-1)
+    letters = tok.convert_tokens_to_ids([it.letter.lower() for it in items])
+    hits = [int(n) == t for n, t in zip(next_B, letters)]
+    for subject in MC_SUBJECTS:
+        of_subject = [h for h, it in zip(hits, items) if it.subject == subject]
+        assert sum(of_subject) >= 0.9 * len(of_subject), (subject, sum(of_subject), len(of_subject))
 
 
 def test_toy_model_loads_offline_and_roundtrips_bit_exactly(tmp_path):
@@ -84,7 +189,8 @@ def test_toy_processor_counts_match_model_for_several_sizes():
 
 def test_toy_model_meets_its_quality_bar():
     """Fresh held-out images the model never saw (a stream neither training nor the world uses):
-    the bar of the embedded default, 95 % captions and forced choice, 90 % yes/no."""
+    the bar of the embedded default, 95 % captions and forced choice, 90 % yes/no (multiple choice: see
+    test_toy_model_answers_multiple_choice)."""
     model, processor = load_vlm("toy")
     result = evaluate_toy(model, processor, heldout_samples(20, seed=11), batch_size=80, seed=11)
     assert result["n_images"] == 20 * len(CLASSES)
@@ -112,7 +218,8 @@ def test_tiny_training_lowers_the_loss(tmp_path):
     assert record["config"]["tiny"] is True and record["config"]["out"] == str(tmp_path / "m")
     assert re.fullmatch(r"[0-9a-f]{40}", record["git_sha"]) and "torch" in record["versions"]
     training = json.loads((tmp_path / "m" / "training.json").read_text())
-    assert set(training["metrics"]) == {"n_images", "caption_acc", "forced_choice_acc", "yesno_acc"}
+    assert set(training["metrics"]) == {"n_images", "caption_acc", "forced_choice_acc", "yesno_acc",
+                                        *(f"{mc_task(subject)}_acc" for subject in MC_SUBJECTS)}
     load_vlm(str(tmp_path / "m"))  # the folder is a model folder like any other
 
 
