@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -243,7 +244,9 @@ def summarize(items: list[Any], preds: list[dict[str, dict[str, int | None]]], n
         other = "greedy" if scoring == "logits" else "logits"
         out["conditions"][name] = {
             "accuracy": sum(right) / max(len(right), 1), "ci95": [lo, hi], "n_correct": sum(right),
-            f"accuracy_{other}": sum(correct(name, other, everything)) / max(len(items), 1),
+            # None when the other scoring could not run (option letters that are not single tokens: no logits)
+            f"accuracy_{other}": None if preds and preds[0][name][other] is None and other == "logits"
+            else sum(correct(name, other, everything)) / max(len(items), 1),
             "unparseable_greedy": sum(preds[i][name]["greedy"] is None for i in everything),
         }
         if name != "clean":
@@ -286,6 +289,8 @@ def _sae_names(paths: tuple[Path, ...]) -> list[Path]:
 
 @lifecycle("sae/evaluation/eval_benchmark.py", outputs=OUTPUTS)
 def main(cfg: Config, run: Run) -> dict[str, Any]:
+    from tqdm import tqdm
+
     from lineofsight.benchmarks import BENCHMARKS, read_items
     from lineofsight.cli import UserError
     from lineofsight.data import SkipCounter, check_resize_match
@@ -336,7 +341,8 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
 
     preds: list[dict[str, dict[str, int | None]]] = []
     t0 = time.perf_counter()
-    for lo in range(0, len(items), cfg.batch_size):
+    for lo in tqdm(range(0, len(items), cfg.batch_size), desc=f"{cfg.benchmark}, {len(names)} conditions",
+                   unit="batch", file=sys.stdout, mininterval=10):
         run.check_alive()
         batch = items[lo : lo + cfg.batch_size]
         logits = forward_conditions(model, processor, batch, splices, cfg.fork_rows)
