@@ -168,6 +168,16 @@ class Harvester:
                 "cannot locate caption tokens"
             )
 
+    def caption_token_ids(self, caption: str) -> dict[str, list[int]]:
+        """The ids of ``caption``'s kept tokens as each pass reads them: ``text_in_context`` (after the prompt
+        and the image) and ``text_only`` (after BOS), each cut at ``max_caption_tokens``; a token's
+        ``type_index`` is its index here."""
+        full = self.tok(self.prompt + " " + caption)["input_ids"]
+        alone = self.tok(caption)["input_ids"]
+        cut = self.max_caption_tokens
+        return {"text_in_context": full[self.n_prompt : self.n_prompt + cut],
+                "text_only": alone[self.n_special : self.n_special + cut]}
+
     def _run(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad(), TraceDict(self.model, self.sites, retain_input=True, retain_output=False,
                                         stop=True) as td:

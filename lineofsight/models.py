@@ -12,6 +12,8 @@ Scripts never walk attribute chains such as ``model.model.language_model.layers`
   (the ``ModuleList`` of length ``num_hidden_layers`` next to the token embedding).
 - :func:`residual_site` -- where to read or edit the residual stream at ``layer``.
 - :func:`image_token_mask` -- which positions of ``input_ids`` hold image features.
+- :func:`image_token_layout` -- which pixels each of an image's tokens stands for (:class:`ImageTokenLayout`:
+  the base and anyres crop grids, their pixel boxes, the row-newline tokens).
 - :func:`format_prompt` -- a question in the model's prompt format; :func:`answer_token_ids` -- the ids of an
   answer exactly as the model writes it after such a prompt (what teacher forcing appends).
 - :func:`final_hidden` -- the hidden states the output embedding reads, without computing logits.
@@ -32,6 +34,8 @@ norm (transformers' ``hidden_states[n_layers]`` is that residual *after* the fin
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -46,6 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "ImageTokenLayout",
+    "PatchGrid",
     "SUPPORTED_MODEL_TYPES",
     "Dtype",
     "answer_token_ids",
@@ -54,6 +60,7 @@ __all__ = [
     "final_norm_name",
     "format_prompt",
     "image_token_id",
+    "image_token_layout",
     "image_token_mask",
     "layer_names",
     "load_vlm",
@@ -392,6 +399,214 @@ def image_token_mask(input_ids: torch.Tensor, model: nn.Module) -> torch.Tensor:
     into exactly these positions, so this is right for any image size, prompt or padding.
     """
     return input_ids == image_token_id(model)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchGrid:
+    """A grid of image tokens tiling one box of the image: cell ``(r, c)`` of a ``rows x cols`` grid covers the
+    ``(r, c)``-th of ``rows x cols`` equal parts of ``box``."""
+
+    name: str
+    """``"base"`` (the whole image squashed to one tile; LLaVA-1.5: its centre crop) or ``"crops"`` (the anyres
+    crop grid, unpadded)."""
+    box: tuple[float, float, float, float]
+    """``(x0, y0, x1, y1)`` in pixels of the original image (the one given to the processor), clipped to it."""
+    shape: tuple[int, int]
+    """``(rows, cols)``."""
+    tokens: torch.Tensor
+    """long ``[rows * cols]``, row-major: each cell's token index among the image's tokens (0-based rank among the
+    image-token positions of ``input_ids`` for that image)."""
+
+    def _cell_boxes(self) -> torch.Tensor:
+        import torch
+
+        rows, cols = self.shape
+        x0, y0, x1, y1 = self.box
+        # x0 + (x1 - x0) * j / cols: the last edge is x1 exactly (no float drift past the image).
+        xs = x0 + (x1 - x0) * torch.arange(cols + 1, dtype=torch.float64) / cols
+        ys = y0 + (y1 - y0) * torch.arange(rows + 1, dtype=torch.float64) / rows
+        return torch.stack([xs[:-1].repeat(rows), ys[:-1].repeat_interleave(cols),
+                            xs[1:].repeat(rows), ys[1:].repeat_interleave(cols)], dim=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTokenLayout:
+    """Where each of an image's tokens looks: :func:`image_token_layout`."""
+
+    n_tokens: int
+    """How many image-token positions the image takes in ``input_ids`` (newline tokens included)."""
+    grids: tuple[PatchGrid, ...]
+    """The token grids, in token order (LLaVA-NeXT: base, crops; LLaVA-1.5: base)."""
+    newlines: torch.Tensor
+    """long: token indices of the row-newline tokens (LLaVA-NeXT: one after each row of the crop grid); they belong
+    to no grid."""
+
+    def boxes(self) -> torch.Tensor:
+        """float ``[n_tokens, 4]``: each token's pixel box ``(x0, y0, x1, y1)`` in the original image; NaN rows for
+        the newline tokens."""
+        import torch
+
+        out = torch.full((self.n_tokens, 4), float("nan"), dtype=torch.float64)
+        for grid in self.grids:
+            out[grid.tokens] = grid._cell_boxes()
+        return out.float()
+
+
+def image_token_layout(model_or_config: Any, processor: Any, image_size: tuple[int, int]) -> ImageTokenLayout:
+    """Which pixels of an image each of its image tokens stands for: the grids of vision patches the model packs
+    into the ``<image>`` placeholders, in token order, and the pixel box each grid covers.
+
+    ``image_size`` = ``(width, height)`` of the image as given to the processor (PIL ``.size``). LLaVA-NeXT (anyres,
+    transformers' ``LlavaNextModel.pack_image_features``): the base tile (the image squashed to one tile,
+    ``side x side`` tokens), then the crop grid of the best resolution of ``image_grid_pinpoints`` with the rows or
+    columns that show only padding removed (``unpad_image``), row-major with one newline token after each row.
+    The image processor resizes the image keeping its aspect ratio to fit the best resolution and pads it centred
+    (any odd pixel after), so the crop grid's box is the region its remaining cells cover, mapped back to the
+    image and clipped to it. LLaVA-1.5: one base grid over the image processor's centre crop, no newlines.
+
+    Raises:
+        ValueError: (one line) a model type other than ``llava_next``/``llava``; a
+            ``vision_feature_select_strategy`` other than ``"default"`` (``"full"`` keeps the CLS token, which
+            covers no patch; LLaVA-NeXT's packing cannot reshape it); a model without ``image_newline``; a
+            processor that expands ``<image>`` into a different number of tokens than the model fills, or whose
+            resize/crop/pinpoint settings do not match the vision tower's tile.
+    """
+    import torch
+    from torch import nn
+
+    cfg = getattr(model_or_config, "config", model_or_config)
+    width, height = (int(v) for v in image_size)
+    if width < 1 or height < 1:
+        raise ValueError(f"image_size {tuple(image_size)} is not a (width, height) of a non-empty image")
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"image token layout of a {model_type!r} model is unknown; supported are "
+                         f"{' and '.join(SUPPORTED_MODEL_TYPES)}")
+    strategy = getattr(cfg, "vision_feature_select_strategy", None)
+    if strategy != "default":
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported: only 'default' (the CLS "
+                         "token dropped, every image token a patch) has a patch layout here")
+    tile, patch = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size)
+    if tile % patch:
+        raise ValueError(f"vision tower image_size {tile} is not a multiple of its patch_size {patch}")
+    side = tile // patch
+    n_base = side * side
+    _check_processor_count(processor, patch)
+    base_tokens = torch.arange(n_base)
+    no_newlines = torch.zeros(0, dtype=torch.long)
+    if model_type == "llava":
+        box = _centre_crop_box(processor.image_processor, width, height, tile)
+        return ImageTokenLayout(n_base, (PatchGrid("base", box, (side, side), base_tokens),), no_newlines)
+
+    if isinstance(model_or_config, nn.Module) and not any(
+        name.rpartition(".")[2] == "image_newline" for name, _ in model_or_config.named_parameters()
+    ):
+        raise ValueError(f"{type(model_or_config).__name__} has no image_newline parameter; its LLaVA-NeXT token "
+                         "layout (one newline token after each crop-grid row) does not apply")
+    pinpoints = [[int(v) for v in point] for point in cfg.image_grid_pinpoints]
+    image_processor = processor.image_processor
+    processor_points = getattr(image_processor, "image_grid_pinpoints", None)
+    if processor_points is None or [[int(v) for v in point] for point in processor_points] != pinpoints:
+        raise ValueError(f"the image processor's image_grid_pinpoints {processor_points} differ from the model's "
+                         f"{pinpoints}")
+    if any(h % tile or w % tile for h, w in pinpoints):
+        raise ValueError(f"image_grid_pinpoints {pinpoints} are not multiples of the tile size {tile}")
+    if _resize_square(image_processor) != tile or _crop_square(image_processor) != tile:
+        raise ValueError(f"the image processor's size {image_processor.size} and crop_size "
+                         f"{image_processor.crop_size} are not the vision tower's {tile}x{tile} tile")
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution((height, width), pinpoints)  # pinpoints are [height, width]
+    rows_full, cols_full = best_h // tile * side, best_w // tile * side  # the crop tiles' patches, side by side
+    # unpad_image (and the processor's _get_unpadded_features): drop `pad` rows (or columns) at each end; its
+    # int(round(x, 7)) truncates x, rounding only float noise (35.9999999 -> 36).
+    r0, r1, c0, c1 = 0, rows_full, 0, cols_full
+    if width / height > cols_full / rows_full:
+        pad = (rows_full - int(round(height * (cols_full / width), 7))) // 2
+        r0, r1 = pad, rows_full - pad
+    else:
+        pad = (cols_full - int(round(width * (rows_full / height), 7))) // 2
+        c0, c1 = pad, cols_full - pad
+    # The image processor (get_patch_output_size, then _pad_for_patching): the image resized to new_w x new_h
+    # keeping its aspect ratio, pasted at (left, top) of the best_w x best_h canvas; patch cells are patch pixels.
+    if best_w / width < best_h / height:
+        new_w, new_h = best_w, min(math.ceil(height * (best_w / width)), best_h)
+    else:
+        new_w, new_h = min(math.ceil(width * (best_h / height)), best_w), best_h
+    left, top = (best_w - new_w) // 2, (best_h - new_h) // 2
+    box = (min(max((c0 * patch - left) * width / new_w, 0.0), float(width)),
+           min(max((r0 * patch - top) * height / new_h, 0.0), float(height)),
+           min(max((c1 * patch - left) * width / new_w, 0.0), float(width)),
+           min(max((r1 * patch - top) * height / new_h, 0.0), float(height)))
+    rows, cols = r1 - r0, c1 - c0
+    row_starts = n_base + torch.arange(rows) * (cols + 1)  # each row: cols cells, then its newline
+    crop_tokens = (row_starts[:, None] + torch.arange(cols)[None, :]).flatten()
+    grids = (PatchGrid("base", (0.0, 0.0, float(width), float(height)), (side, side), base_tokens),
+             PatchGrid("crops", box, (rows, cols), crop_tokens))
+    return ImageTokenLayout(n_base + rows * (cols + 1), grids, row_starts + cols)
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    """A field of an image processor's ``size``/``crop_size`` (a ``SizeDict`` or a plain dict)."""
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return None if value is None else int(value)
+
+
+def _resize_square(image_processor: Any) -> int | None:
+    """The side of the square LLaVA-NeXT's image processor squashes the base tile to, or None if not square."""
+    size = image_processor.size
+    height, width = _size_field(size, "height"), _size_field(size, "width")
+    if height is not None and width is not None:
+        return height if height == width else None
+    return _size_field(size, "shortest_edge")
+
+
+def _crop_square(image_processor: Any) -> int | None:
+    crop = getattr(image_processor, "crop_size", None)
+    if crop is None or not getattr(image_processor, "do_center_crop", False):
+        return _resize_square(image_processor)
+    height, width = _size_field(crop, "height"), _size_field(crop, "width")
+    return height if height == width else None
+
+
+def _centre_crop_box(image_processor: Any, width: int, height: int, tile: int) -> tuple[float, float, float, float]:
+    """The region of a ``width x height`` image that LLaVA-1.5's image processor keeps: resized (shortest edge to
+    ``size``, the long edge truncated: ``get_resize_output_image_size``), then centre-cropped to ``crop_size``
+    (offsets floored), in original pixels."""
+    size = image_processor.size
+    new_h, new_w = height, width
+    if getattr(image_processor, "do_resize", True):
+        edge, longest = _size_field(size, "shortest_edge"), _size_field(size, "longest_edge")
+        if edge is not None and longest is None:
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = edge, int(edge * long / short)
+            new_h, new_w = (new_long, new_short) if width <= height else (new_short, new_long)
+        elif _size_field(size, "height") is not None and _size_field(size, "width") is not None:
+            new_h, new_w = _size_field(size, "height"), _size_field(size, "width")
+        else:
+            raise ValueError(f"image processor size {size} is not supported (expected shortest_edge or height/width)")
+    crop_h, crop_w = new_h, new_w
+    if getattr(image_processor, "do_center_crop", False):
+        crop_h, crop_w = _size_field(image_processor.crop_size, "height"), _size_field(image_processor.crop_size,
+                                                                                       "width")
+    if (crop_h, crop_w) != (tile, tile) or crop_h > new_h or crop_w > new_w:
+        raise ValueError(f"the image processor gives a {crop_w}x{crop_h} crop of a {new_w}x{new_h} resize, not the "
+                         f"vision tower's {tile}x{tile} tile cut from inside the image")
+    top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+    return (left * width / new_w, top * height / new_h, (left + crop_w) * width / new_w,
+            (top + crop_h) * height / new_h)
+
+
+def _check_processor_count(processor: Any, patch: int) -> None:
+    """The processor counts a tile as ``side**2 + num_additional_image_tokens`` tokens, less one when its strategy
+    is ``"default"``; the model fills ``side**2`` (the CLS token dropped). Refuse a processor that disagrees."""
+    proc_patch = getattr(processor, "patch_size", None)
+    extra = int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+    dropped = int(getattr(processor, "vision_feature_select_strategy", None) == "default")
+    if proc_patch != patch or extra != dropped:
+        raise ValueError(f"the processor (patch_size {proc_patch}, num_additional_image_tokens {extra}, strategy "
+                         f"{getattr(processor, 'vision_feature_select_strategy', None)!r}) does not expand <image> into the tokens the "
+                         f"model fills (patch {patch}, CLS dropped); load both with lineofsight.models.load_vlm")
 
 
 def format_prompt(processor: Any, question: str, image: bool = True) -> str:

@@ -46,5 +46,9 @@ echo "== 6. benchmarks (the toy's lettered multiple choice, MMMU-Pro and A-OKVQA
 for B in mmmu-pro aokvqa; do
   python sae/evaluation/eval_benchmark.py --benchmark $B --sae runs/demo/sae --out results/benchmark/$B --overwrite
 done
+echo "== 7. feature browser: every live latent of the layer-2 SAE (top images with heatmaps, text contexts)"
+python sae/evaluation/browse_features.py --sae runs/demo/sae/saes/L2 --offset 448 --limit 64 --top-n 8 \
+  --vectors runs/demo/vectors --probes results/probes --out results/browser --overwrite
+python scripts/screenshot_browser.py --site results/browser --out results
 echo "== report"
 python scripts/make_report.py

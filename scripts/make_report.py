@@ -281,6 +281,36 @@ def benchmark_section(results: Path) -> list[str]:
     return lines
 
 
+def browser_section(results: Path) -> list[str]:
+    """The feature browser of one SAE: what it holds, its sizes and timings, and its screenshots."""
+    path = results / "browser" / "browser.json"
+    if not path.is_file():
+        return []
+    m = json.loads(path.read_text())
+    b, t = m["bytes"], m["seconds"]
+    counts = m["counts"]
+    lines = [
+        "## Feature browser",
+        "",
+        f"[`browser/index.html`](browser/index.html) (open it from a checkout: a static site, no server) browses "
+        f"every live latent of the layer-{m['layer']} SAE over {m['n_records']} held-out records "
+        f"(`sae/evaluation/browse_features.py`): {m['n_live']} live of {m['d_sae']} ({m['n_dead']} dead, "
+        f"{m['n_dense']} dense); by modality score {counts['image_only']} image-only, {counts['shared']} shared, "
+        f"{counts['text_only']} text-only. Each latent's page has its top images with a per-patch heatmap, its "
+        "top text contexts, activation histograms by token type, the vocabulary its decoder direction promotes and "
+        "suppresses, and its cosine with the steering vectors and probe directions of the layer.",
+        "",
+        f"Sizes: index page {b['index_page'] / 1e3:.0f} KB, a latent page {b['latent_page_mean'] / 1e3:.0f} KB on "
+        f"average ({b['latent_page_max'] / 1e3:.0f} KB at most, thumbnails included). Time: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in t.items()) + ".",
+        "",
+    ]
+    for name, caption in (("browser_index.png", "the index"), ("browser_latent.png", "a latent's page")):
+        if (results / name).is_file():
+            lines += [f"![{caption}]({name})", ""]
+    return lines
+
+
 SECTIONS = [("toy/eval.json", toy_section), ("probes/metrics.json", probe_section),
             ("steering/metrics.json", steering_section)]
 
@@ -307,6 +337,7 @@ def main(cfg: Config) -> None:
                 lines += rollout_examples(cfg.rollouts)
     lines += sae_section(cfg.results_dir)
     lines += benchmark_section(cfg.results_dir)
+    lines += browser_section(cfg.results_dir)
     if sha:
         lines.append(f"_Code version: `{sha[:12]}`._")
     out = atomic_write_text(cfg.results_dir / "REPORT.md", "\n".join(lines) + "\n")

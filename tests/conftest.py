@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -143,3 +144,70 @@ def pixels_only(model, monkeypatch) -> None:
     monkeypatch.setattr(model, "forward", lambda input_ids=None, attention_mask=None, pixel_values=None,
                         image_sizes=None, **kw: forward(input_ids=input_ids, attention_mask=attention_mask,
                                                        pixel_values=pixel_values, image_sizes=image_sizes, **kw))
+
+
+@pytest.fixture
+def run_in(capsys):
+    """Run a script's command line in this process (no interpreter + torch start-up per call): the same parse,
+    one-line error and exit code as ``python script ...``, returned like subprocess.run's result."""
+    from lineofsight.cli import run as run_cli
+
+    modules: dict[str, object] = {}
+
+    def call(script: str, *args: str) -> subprocess.CompletedProcess:
+        module = modules.setdefault(script, load_script(script))
+        capsys.readouterr()
+        try:
+            run_cli(module.main, module.Config, list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, out.out, out.err)
+
+    return call
+
+
+BROWSER_LAYER, BROWSER_D_SAE, BROWSER_RECORDS, BROWSER_TOP_N = 2, 48, 6, 3
+
+
+@pytest.fixture(scope="session")
+def toy_browser_site(tmp_path_factory):
+    """The feature browser (sae/evaluation/browse_features.py) on the toy's first 6 held-out records, for a random SAE
+    at layer 2 whose latents fire on ~15 % of the tokens (the last four never), with steering vectors and a probe at
+    that layer: ``<tmp>/site/browser``; the inputs are in ``<tmp>/inputs`` (``sae``, ``vectors``, ``probes``)."""
+    from PIL import Image
+
+    from lineofsight.data import HeldOutRecords
+    from lineofsight.harvest import Harvester
+    from lineofsight.models import load_vlm
+    from lineofsight.probes import save_probe
+    from lineofsight.sae import SAEConfig, SparseAutoencoder
+    from lineofsight.steering import save_vectors
+
+    model, processor = load_vlm("toy")
+    root = tmp_path_factory.mktemp("browser")
+    inputs = root / "inputs"
+    held_out = HeldOutRecords()
+    records = held_out.read_records()[:2]
+    images = [Image.open(held_out.root / r.image).convert("RGB") for r in records]
+    x = Harvester(model, processor, [BROWSER_LAYER])([r.caption for r in records], images, [0, 1]).acts[:, 0]
+    sae = SparseAutoencoder(SAEConfig(d_in=128, d_sae=BROWSER_D_SAE, layer=BROWSER_LAYER), seed=3)
+    sae.set_scale_from(x)
+    with torch.no_grad():
+        sae.b_enc -= sae.pre_acts(x).quantile(0.85, dim=0)
+        sae.b_enc[-4:] = -1e4
+    sae.save(inputs / "sae")
+    gen = torch.Generator().manual_seed(0)
+    save_vectors(inputs / "vectors", {("circle", "square", BROWSER_LAYER): torch.randn(128, generator=gen),
+                                      ("star", "ring", BROWSER_LAYER): torch.randn(128, generator=gen)},
+                 {"method": "test"})
+    probe = {"weight": torch.randn(3, 128, generator=gen), "bias": torch.zeros(3), "mean": torch.zeros(128),
+             "std": torch.rand(128, generator=gen) + 0.5}
+    save_probe(inputs / "probes", BROWSER_LAYER, probe, ["circle", "square", "star"], "mean")
+    browse = load_script("sae/evaluation/browse_features.py")
+    out = root / "site" / "browser"
+    browse.main(browse.Config(sae=inputs / "sae", limit=BROWSER_RECORDS, batch_size=BROWSER_RECORDS,
+                              top_n=BROWSER_TOP_N, vectors=inputs / "vectors", probes=inputs / "probes", out=out,
+                              load_threads=0))
+    return out

@@ -52,6 +52,9 @@ CASES = [
     ("sae/cache_activations.py", ["--limit", "0"], "--limit must be positive"),
     ("sae/evaluation/eval_sae.py", ["--limit", "0"], "--limit must be positive"),
     ("sae/evaluation/modality.py", ["--saes", "{tmp}", "--image-only", "2"], "--image-only"),
+    ("sae/evaluation/browse_features.py", ["--sae", "{tmp}", "--top-n", "0"], "--top-n"),
+    ("sae/evaluation/browse_features.py", ["--sae", "{tmp}", "--dense", "0"], "--dense"),
+    ("sae/evaluation/browse_features.py", ["--sae", "{tmp}", "--thumb-size", "4"], "--thumb-size"),
     ("scripts/eval_toy.py", ["--n-per-class", "0"], "must be positive"),
     ("scripts/train_toy_vlm.py", ["--threads", "0"], "--threads must be positive"),
     # a prompt with a placeholder other than {src} / {tgt}

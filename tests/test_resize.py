@@ -23,30 +23,6 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
 
 
-@pytest.fixture
-def run_in(capsys):
-    """Run a script's command line in this process (no interpreter + torch start-up per call): the same parse,
-    one-line error and exit code as ``python script ...``, returned like subprocess.run's result."""
-    from conftest import load_script
-
-    from lineofsight.cli import run as run_cli
-
-    modules: dict[str, object] = {}
-
-    def call(script: str, *args: str) -> subprocess.CompletedProcess:
-        module = modules.setdefault(script, load_script(script))
-        capsys.readouterr()
-        try:
-            run_cli(module.main, module.Config, list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess([script, *args], code, out.out, out.err)
-
-    return call
-
-
 def _error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -28,9 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from lineofsight.data import HeldOutRecords
+from lineofsight.features import (
+    CATEGORIES,
+    IMAGE_ONLY,
+    TEXT_ONLY,
+    categorise,
+    category_masks,
+    modality_scores,
+)
 from lineofsight.run import Run, lifecycle
 
-CATEGORIES = ("image_only", "shared", "text_only")
 OUTPUTS = ("modality.json", "modality_by_layer.png", "modality_hist.png", "latent_L*.png")
 """What the script writes into --out (what --overwrite removes)."""
 
@@ -42,9 +49,9 @@ class Config(HeldOutRecords):
     saes: tuple[Path, ...] = ()
     """SAE folders, or trainer run folders (a run stands for all the SAEs in its saes/), one SAE per layer, all for
     --model."""
-    image_only: float = 0.9
+    image_only: float = IMAGE_ONLY
     """A live latent with modality score >= this is image-only."""
-    text_only: float = 0.1
+    text_only: float = TEXT_ONLY
     """A live latent with modality score <= this is text-only (between the two: shared)."""
     top_k: int = 6
     """Top-activating images and text tokens shown per latent."""
@@ -61,32 +68,6 @@ class Config(HeldOutRecords):
             raise UserError("--saes needs at least one SAE folder")
         if not 0 <= self.text_only < self.image_only <= 1:
             raise UserError("need 0 <= --text-only < --image-only <= 1")
-
-
-def modality_scores(mass_image: Any, mass_text: Any) -> Any:
-    """Share of a latent's activation (or firing) mass on image tokens; NaN for a latent with none."""
-    import torch
-
-    total = mass_image + mass_text
-    return torch.where(total > 0, mass_image / total.clamp(min=1e-30), torch.full_like(total, float("nan")))
-
-
-def category_masks(scores: Any, image_only: float, text_only: float) -> dict[str, Any]:
-    """Boolean masks over latents: image-only (score >= ``image_only``), text-only (score <=
-    ``text_only``), shared (in between, both ends excluded). A NaN score (a latent that never
-    fires) is in none of them."""
-    return {"image_only": scores >= image_only, "shared": (scores > text_only) & (scores < image_only),
-            "text_only": scores <= text_only}
-
-
-def categorise(scores: Any, image_only: float, text_only: float) -> dict[str, Any]:
-    """Shares of the live latents (score not NaN) that are image-only, shared and text-only, their
-    ``counts`` and ``n_live``."""
-    import torch
-
-    n = int((~torch.isnan(scores)).sum())
-    counts = {cat: int(mask.sum()) for cat, mask in category_masks(scores, image_only, text_only).items()}
-    return {**{cat: counts[cat] / max(n, 1) for cat in CATEGORIES}, "n_live": n, "counts": counts}
 
 
 class LatentStats:
