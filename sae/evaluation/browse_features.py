@@ -23,7 +23,15 @@ The site (``--out``)::
     browser.json, run.json                     sizes, timings, counts, what was skipped
 
 Data are script files (``window.LOS_INDEX = {...}``), not fetched JSON, so Chromium's file-URL rules do not block
-them. An image's heatmap is drawn in the page from per-cell bytes over each of its token grids (LLaVA-NeXT: the
+them. The index holds ``meta`` (model, layer, token counts, thresholds), ``columns`` (parallel lists over live latents:
+``id``, ``freq``, ``freq_<type>``, ``max``, ``mean``, ``modality``, ``top_tokens`` as indices into ``vocab``),
+``dead``, ``dense`` and ``classes`` (``{"steering"|"probes": {name: [[latent, cosine], ...]}}``). A latent's file
+holds ``stats``; ``images`` (``record``, ``thumb``, ``value``, ``caption``, ``layout``: an index into the page's
+``layouts``, each a list of grids ``{name, box: [x0, y0, x1, y1] as fractions of the image, shape: [rows, cols]}``,
+and ``heat``: per grid, base64 of ``rows x cols`` bytes, activation / the latent's max x 255, row-major);
+``texts`` (``record``, ``type``, ``value``, ``peak``, ``tokens``: each token's text, ``acts``: bytes as above);
+``histogram`` (``edges``, ``counts`` per token type), ``logits`` (``promoted``, ``suppressed``: ``[token, logit]``)
+and ``cosines`` (``steering``, ``probes``: ``[name, cosine]``). An image's heatmap is drawn in the page from per-cell bytes over each of its token grids (LLaVA-NeXT: the
 base tile and the unpadded crop grid; :func:`lineofsight.models.image_token_layout`).
 
     python sae/evaluation/browse_features.py --sae runs/demo/sae/saes/L2 --out results/browser   # toy
