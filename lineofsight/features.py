@@ -127,8 +127,8 @@ class TopUnits:
         all_val = stack(self.val, val, float("-inf"))
         # A stable sort, not topk (which breaks ties arbitrarily): old columns come first, then candidates in key
         # order, so a tie keeps the unit seen first.
-        values, indices = torch.sort(all_val, dim=1, descending=True, stable=True)
-        top_values, top_indices = values[:, : self.n], indices[:, : self.n]
+        ranked, by_rank = torch.sort(all_val, dim=1, descending=True, stable=True)
+        top_values, top_indices = ranked[:, : self.n], by_rank[:, : self.n]
         kept = torch.zeros_like(all_val, dtype=torch.bool).scatter_(1, top_indices, True)
         evicted = ~kept[:, : self.n] & (self.key[rows] >= 0)
         for r, c in evicted.nonzero().tolist():

@@ -57,6 +57,7 @@ __all__ = [
     "answer_token_ids",
     "check_layer",
     "check_model",
+    "final_norm_gain",
     "final_norm_name",
     "format_prompt",
     "image_token_id",
@@ -357,6 +358,13 @@ def final_norm_name(model: nn.Module) -> str:
     if chosen is None:
         raise ValueError(f"no final norm found next to {blocks}")
     return f"{parent_name}.{chosen}" if parent_name else chosen
+
+
+def final_norm_gain(model: nn.Module) -> torch.Tensor | None:
+    """The per-channel scale ``[d_model]`` the final norm applies after normalising (its ``weight``; None for a norm
+    without one): what a residual direction is multiplied by on its way to the unembedding (the logit lens)."""
+    weight = getattr(model.get_submodule(final_norm_name(model)), "weight", None)
+    return None if weight is None else weight.detach()
 
 
 def check_layer(model: nn.Module, layer: int, flag: str = "--layer") -> int:

@@ -1367,8 +1367,6 @@ def browser_rows(cfg: Config, model: Any, processor: Any, n_records: int = 64) -
     import tempfile
     from pathlib import Path
 
-    import torch
-
     from lineofsight.data import SkipCounter, read_sharegpt4v
     from lineofsight.harvest import Harvester, record_batches
     from lineofsight.models import text_config
@@ -1418,7 +1416,6 @@ def browser_rows(cfg: Config, model: Any, processor: Any, n_records: int = 64) -
             page_kb = result["bytes"]["latent_page_max"] / 1e3
             rows.append(Row("browser largest latent page (toy images)", "300 KB budget", 300.0, page_kb, "<= 1.0",
                             page_kb <= 300, unit="KB"))
-        del torch
     return rows
 
 

@@ -329,3 +329,20 @@ def test_the_writers_site_on_the_toy(driver, toy_browser_site):
     assert len(cells) == len(page["images"]) and all(n > 0 for n in cells)
     assert len(driver.find_elements(By.CSS_SELECTOR, "#texts .context")) == len(page["texts"])
     assert chromium.js_errors(driver) == []
+
+
+def test_screenshots_of_the_writers_site(run_in, toy_browser_site, tmp_path):
+    """scripts/screenshot_browser.py: a PNG of the index and of a latent with images; a folder without a site is one
+    line, exit 2."""
+    from PIL import Image
+
+    proc = run_in("scripts/screenshot_browser.py", "--site", str(toy_browser_site), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("browser_index.png", "browser_latent.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.size[0] >= 1000
+    latent = int(proc.stdout.strip().rsplit("latent ", 1)[1].rstrip(")"))
+    page = (toy_browser_site / "data" / "latents" / f"{latent}.js").read_text()
+    assert '"layout":' in page  # the page shown has top images
+    proc = run_in("scripts/screenshot_browser.py", "--site", str(tmp_path), "--out", str(tmp_path))
+    assert proc.returncode == 2 and "holds no feature-browser site" in proc.stderr.strip().splitlines()[-1]

@@ -186,13 +186,13 @@ def logit_lens(model: Any, W_dec: Any, n: int, chunk: int = 1024) -> tuple[Any, 
     [L, D]`` read through the final norm's gain and the unembedding: ``(up_vals, up_ids, down_vals, down_ids)``."""
     import torch
 
-    from lineofsight.models import final_norm_name
+    from lineofsight.models import final_norm_gain
 
     W_U = model.get_output_embeddings().weight.detach()  # [V, D], in the model's dtype
-    gain = getattr(model.get_submodule(final_norm_name(model)), "weight", None)
+    gain = final_norm_gain(model)
     dirs = torch.nn.functional.normalize(W_dec.detach().float(), dim=1).to(W_U.device)
     if gain is not None:
-        dirs = dirs * gain.detach().float()
+        dirs = dirs * gain.float()
     dirs = dirs.to(W_U.dtype)
     k = min(n, W_U.shape[0])
     parts = []
@@ -215,6 +215,16 @@ def cosines(W_dec: Any, directions: dict[str, Any]) -> tuple[list[str], Any]:
         return names, torch.zeros(W_dec.shape[0], 0)
     V = torch.nn.functional.normalize(torch.stack([directions[k].float() for k in names]), dim=1)
     return names, torch.nn.functional.normalize(W_dec.detach().float().cpu(), dim=1) @ V.T
+
+
+def strongest(c: Any, n: int, dim: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Per row (``dim=1``) or column (``dim=0``) of the cosines ``c``: the indices of its ``n`` largest ``|c|``,
+    largest first, and those cosines."""
+    idx = c.abs().topk(min(n, c.shape[dim]), dim=dim).indices
+    values = c.gather(dim, idx)
+    if dim == 0:
+        idx, values = idx.T, values.T
+    return idx.tolist(), values.tolist()
 
 
 def _thumbnail(image: Any, size: int) -> bytes:
@@ -290,6 +300,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
     W_dec = sae.W_dec[ids]
     up_v, up_i, down_v, down_i = logit_lens(model, W_dec, cfg.n_logits)
     cos = {kind: cosines(W_dec, vectors) for kind, vectors in directions.items()}
+    page_cos = {kind: (names, *strongest(c, PAGE_COSINES, 1)) for kind, (names, c) in cos.items()}
     timings["logit_lens_cosines"] = time.perf_counter() - t0
 
     # ---- the site ---------------------------------------------------------------------------------
@@ -313,10 +324,11 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
             pending.popleft().result()
         pending.append(writer.submit(atomic_write_bytes, path, data))
 
-    thumbs: dict[int, tuple[str, int, Any, tuple[int, int]] | None] = {}  # record -> (file, bytes, layout, size)
+    # record -> (file, bytes, (layout, its grids for the page, each grid's token indices)); None: unreadable now
+    thumbs: dict[int, tuple[str, int, tuple[Any, list[dict[str, Any]], list[Any]]] | None] = {}
     layouts: dict[tuple[int, int], Any] = {}
 
-    def thumb(record: int) -> tuple[str, int, Any, tuple[int, int]] | None:
+    def thumb(record: int) -> tuple[str, int, tuple[Any, list[dict[str, Any]], list[Any]]] | None:
         if record not in thumbs:
             image = load_image(Path(cfg.root) / records[record].image, resize=cfg.resize)  # as harvested
             if image is None:  # gone since the pass: shown without it
@@ -329,7 +341,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
                                        [g.tokens.numpy() for g in layout.grids])
             data = _thumbnail(image, cfg.thumb_size)
             write(out / "thumbs" / f"{record}.jpg", data)
-            thumbs[record] = (f"thumbs/{record}.jpg", len(data), layouts[image.size], image.size)
+            thumbs[record] = (f"thumbs/{record}.jpg", len(data), layouts[image.size])
         return thumbs[record]
 
     caption_ids: dict[int, dict[str, tuple[list[int], list[str]]]] = {}
@@ -361,7 +373,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
             found = thumb(unit.key)
             if found is None:
                 continue
-            file, _, (layout, grids, cells), _ = found
+            file, _, (layout, grids, cells) = found
             if len(unit.positions) and int(unit.positions.max()) >= layout.n_tokens:
                 raise RuntimeError(f"record {unit.key}: image-token {int(unit.positions.max())} beyond the layout's "
                                    f"{layout.n_tokens} tokens")
@@ -407,19 +419,16 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
                                                                      up_v[row].tolist(), strict=True)],
                        "suppressed": [[t, _round(v)] for t, v in zip(tok.convert_ids_to_tokens(down_i[row].tolist()),
                                                                        down_v[row].tolist(), strict=True)]},
-            "cosines": {kind: [[names[j], _round(float(c[row, j]))]
-                               for j in c[row].abs().argsort(descending=True)[:PAGE_COSINES].tolist()]
-                        for kind, (names, c) in cos.items()},
+            "cosines": {kind: [[names[j], _round(v)] for j, v in zip(order[row], values[row], strict=True)]
+                        for kind, (names, order, values) in page_cos.items()},
         }
         text = js_data("LOS_LATENT", page).encode()
         write(out / "data" / "latents" / f"{latent}.js", text)
         page_sizes.append(len(text) + latent_code + sum(thumbs[k][1] for k in shown))  # type: ignore[index]
 
-    total_fires = stats.fires.sum(0)
-    dense_ids = ((total_fires.double() / max(int(stats.tokens.sum()), 1)) > cfg.dense) & live
-    classes = {kind: {name: [[int(ids[j]), _round(float(c[j, col]))]
-                             for j in c[:, col].abs().argsort(descending=True)[:CLASS_LATENTS].tolist()]
-                      for col, name in enumerate(names)}
+    latent_ids = columns["id"]
+    classes = {kind: {name: [[latent_ids[j], _round(v)] for j, v in zip(order, values, strict=True)]
+                      for name, order, values in zip(names, *strongest(c, CLASS_LATENTS, 0), strict=True)}
                for kind, (names, c) in cos.items() if names}
     title = cfg.title or f"layer {layer} SAE ({sae.cfg.d_sae} latents, {sae.cfg.activation})"
     index = {
@@ -432,7 +441,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
         "columns": {**columns, "top_tokens": top_tokens},
         "vocab": list(vocab),
         "dead": (~live).nonzero().squeeze(1).tolist(),
-        "dense": dense_ids.nonzero().squeeze(1).tolist(),
+        "dense": (freq["all"] > cfg.dense).nonzero().squeeze(1).tolist(),  # a dead latent has freq 0
         "classes": classes,
     }
     while pending:
