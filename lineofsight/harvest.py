@@ -2,10 +2,12 @@
 
 For each ShareGPT4V-format record, two forward passes (as in the paper):
 
-1. **image + question + caption**: ``format_prompt(question)`` followed by the caption. The image
-   tokens are kept (type ``image``) and so are the caption tokens (``text_in_context``); the
-   template tokens around them (BOS, ``[INST]``, the question, ``[/INST]``) are dropped. Their
-   positions come from the tokenizer and the image-token mask of the same batch, so no extra
+1. **image + question + caption**: ``format_prompt(question)`` followed by the caption as the model's answer
+   (after ``assistant_prefix``). The image tokens (the positions holding image features:
+   ``image_token_mask``) are kept (type ``image``) and so are the caption tokens (``text_in_context``); the
+   template tokens around them (BOS, ``[INST]``, the question, ``[/INST]``, a family's image markers such as
+   ``<|vision_start|>``, ``<start_of_image>`` or ``<row_1_col_1>``) are dropped. Their positions come from the
+   image-token mask of the same batch and the fixed number of template tokens after the image, so no extra
    forward pass is needed to find them.
 2. **caption alone**: BOS + caption, without image; the caption tokens are ``text_only``.
 
@@ -34,7 +36,14 @@ import torch
 
 from lineofsight.cli import UserError
 from lineofsight.hooks import TraceDict
-from lineofsight.models import format_prompt, image_token_mask, residual_site
+from lineofsight.models import (
+    assistant_prefix,
+    collate_inputs,
+    format_prompt,
+    image_token_mask,
+    processor_inputs,
+    residual_site,
+)
 from lineofsight.prompts import CAPTION_QUESTION
 
 __all__ = ["TOKEN_TYPES", "Harvester", "ImageLoader", "PreparedRecord", "RecordPreparer", "TokenBatch",
@@ -99,6 +108,7 @@ class RecordPreparer:
     """
 
     def __init__(self, processor: Any, prompt: str, pixel_dtype: torch.dtype) -> None:
+        """``prompt``: the text before the caption (question prompt and the model's turn prefix)."""
         self.processor, self.prompt, self.pixel_dtype = processor, prompt, pixel_dtype
         self._local = threading.local()
 
@@ -113,7 +123,7 @@ class RecordPreparer:
         processor = getattr(self._local, "processor", None)
         if processor is None:
             processor = self._local.processor = copy.deepcopy(self.processor)
-        out = processor(text=[self.prompt + " " + caption], images=[image], return_tensors="pt")
+        out = processor_inputs(processor, [self.prompt + caption], [image])
         inputs = dict(out.items())
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
@@ -148,19 +158,37 @@ class Harvester:
         self.save_dtype = save_dtype
         self.tok = processor.tokenizer
         self.prompt = format_prompt(processor, question)
+        self.prefix = assistant_prefix(processor)  # between the prompt and the caption (the model's turn)
         self.n_prompt = len(self.tok(self.prompt)["input_ids"])  # prompt with one image placeholder
+        self.n_after_image = self._n_after_image()
         self.n_special = len(self.tok("")["input_ids"])  # BOS (or nothing) before a bare caption
         self.device = next(model.parameters()).device
-        self.prepare = RecordPreparer(processor, self.prompt, next(model.parameters()).dtype)
+        self.prepare = RecordPreparer(processor, self.prompt + self.prefix, next(model.parameters()).dtype)
         """``prepare(caption, image)`` -> :class:`PreparedRecord`: pass 1's processor call for one record,
         to run in a worker (``ImageLoader(..., prepare=harvester.prepare)``)."""
 
     # ---- positions -----------------------------------------------------------------------------
 
+    def text(self, caption: str) -> str:
+        """Pass 1's text: the prompt, then ``caption`` as the model's answer (teacher forcing)."""
+        return self.prompt + self.prefix + caption
+
+    def _n_after_image(self) -> int:
+        """How many prompt tokens follow the image's last token once the processor has expanded the image (the
+        template's tail: ``[/INST]``; Gemma 3's ``<end_of_image>``, Idefics3's ``<fake_token_around_image>`` too):
+        pass 1's caption starts that many tokens after the image. Read off one processor call on a blank image."""
+        from PIL import Image
+
+        out = processor_inputs(self.processor, [self.prompt], [Image.new("RGB", (64, 64), (128, 128, 128))])
+        positions = image_token_mask(out["input_ids"], self.model)[0].nonzero()
+        if len(positions) == 0:
+            raise UserError(f"{type(self.processor).__name__} writes no image tokens for the prompt {self.prompt!r}")
+        return int(out["input_ids"].shape[1]) - int(positions.max()) - 1
+
     def check_boundary(self, caption: str) -> None:
         """The tokens of prompt + caption must start with the prompt's own tokens, or the caption
         positions would be off; raises :class:`UserError` naming the tokenizer otherwise."""
-        full = self.tok(self.prompt + " " + caption)["input_ids"]
+        full = self.tok(self.text(caption))["input_ids"]
         alone = self.tok(self.prompt)["input_ids"]
         if full[: len(alone)] != alone:
             raise UserError(
@@ -172,7 +200,7 @@ class Harvester:
         """The ids of ``caption``'s kept tokens as each pass reads them: ``text_in_context`` (after the prompt
         and the image) and ``text_only`` (after BOS), each cut at ``max_caption_tokens``; a token's
         ``type_index`` is its index here."""
-        full = self.tok(self.prompt + " " + caption)["input_ids"]
+        full = self.tok(self.text(caption))["input_ids"]
         alone = self.tok(caption)["input_ids"]
         cut = self.max_caption_tokens
         return {"text_in_context": full[self.n_prompt : self.n_prompt + cut],
@@ -189,7 +217,7 @@ class Harvester:
         self.tok.padding_side = "right"
         try:
             if "images" in kwargs:
-                out = self.processor(return_tensors="pt", padding=True, **kwargs)
+                out = processor_inputs(self.processor, kwargs["text"], kwargs["images"])
             else:
                 out = self.tok(kwargs["text"], return_tensors="pt", padding=True)
         finally:
@@ -198,31 +226,15 @@ class Harvester:
 
     def collate(self, records: Sequence[PreparedRecord]) -> dict[str, torch.Tensor]:
         """The batch of ``records`` as ``processor(text=..., images=..., padding=True)`` with right padding
-        gives it: token rows right-padded (``input_ids`` with the pad id, ``token_type_ids`` with the pad
-        type id, the rest with 0), ``pixel_values [B, n_patches, 3, H, W]`` zero-padded over the patch
-        dimension (the image processor's padding for batching), the rest concatenated."""
-        text_pad = {"input_ids": self.tok.pad_token_id, "token_type_ids": self.tok.pad_token_type_id}
-        width = max(r.inputs["input_ids"].shape[1] for r in records)
-        out = {}
-        for key in records[0].inputs:
-            parts = [r.inputs[key] for r in records]
-            if key in self.tok.model_input_names:
-                pad = text_pad.get(key, 0)
-                if pad is None:
-                    raise UserError(f"{type(self.tok).__name__} has no pad token; cannot batch records")
-                parts = [torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad) for x in parts]
-            elif key == "pixel_values" and parts[0].dim() == 5:
-                n_patches = max(x.shape[1] for x in parts)
-                parts = [torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 0, n_patches - x.shape[1])) for x in parts]
-            out[key] = torch.cat(parts)
-        return out
+        gives it (:func:`lineofsight.models.collate_inputs`)."""
+        return collate_inputs(self.tok, [r.inputs for r in records], padding_side="right")
 
     def _pass1_inputs(self, captions: Sequence[str], images: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Pass 1's right-padded inputs on the device, from images (the batched processor call) or from
         :class:`PreparedRecord` s of the same captions (collated)."""
         prepared = [isinstance(x, PreparedRecord) for x in images]
         if not any(prepared):
-            return self._right_padded(text=[self.prompt + " " + c for c in captions], images=list(images))
+            return self._right_padded(text=[self.text(c) for c in captions], images=list(images))
         if not all(prepared) or [r.caption for r in images] != list(captions):
             raise ValueError("pass PreparedRecords for every record of a batch, made from the same captions")
         return {k: v.to(self.device) for k, v in self.collate(images).items()}
@@ -263,7 +275,7 @@ class Harvester:
         keep = torch.zeros_like(attn)
         kind = torch.full_like(ids, -1)
         for row in range(ids.shape[0]):
-            start = self.n_prompt + int(img[row].sum()) - 1  # first caption position
+            start = int(img[row].nonzero().max()) + 1 + self.n_after_image  # first caption position
             end = min(int(attn[row].sum()), start + self.max_caption_tokens)
             if "text_in_context" in self.types:
                 keep[row, start:end] = True

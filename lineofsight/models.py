@@ -1,6 +1,7 @@
-"""Load LLaVA-style models and answer structural questions about them.
+"""Load vision-language models and answer structural questions about them.
 
-This is the one module that knows how transformers lays out a vision-language model.
+This is the one module that knows how transformers lays out a vision-language model: LLaVA-NeXT, LLaVA-1.5,
+LLaVA-OneVision, Qwen2.5-VL, Gemma 3 and Idefics3 (:data:`FAMILIES`; :func:`family` -- what differs between them).
 Scripts never walk attribute chains such as ``model.model.language_model.layers``
 (transformers 5 moved them, and other backbones name them differently); they ask:
 
@@ -14,8 +15,13 @@ Scripts never walk attribute chains such as ``model.model.language_model.layers`
 - :func:`image_token_mask` -- which positions of ``input_ids`` hold image features.
 - :func:`image_token_layout` -- which pixels each of an image's tokens stands for (:class:`ImageTokenLayout`:
   the base and anyres crop grids, their pixel boxes, the row-newline tokens).
-- :func:`format_prompt` -- a question in the model's prompt format; :func:`answer_token_ids` -- the ids of an
-  answer exactly as the model writes it after such a prompt (what teacher forcing appends).
+- :func:`format_prompt` -- a question in the model's prompt format (its chat template); :func:`assistant_prefix`
+  -- what precedes the model's answer; :func:`answer_token_ids` -- the ids of an answer exactly as the model writes
+  it after such a prompt (what teacher forcing appends); :func:`image_placeholder` / :func:`image_prompt` -- the text
+  of one image in a prompt, and the image alone.
+- :func:`processor_inputs` -- the processor's call for (prompt, image) rows; :func:`collate_inputs` -- single rows'
+  processor outputs batched exactly as one call would; :func:`prompt_positions` -- position ids for a cached prefill
+  (Qwen2.5-VL's 3-D M-RoPE ids included).
 - :func:`final_hidden` -- the hidden states the output embedding reads, without computing logits.
 - :func:`vlm_inputs` -- model inputs for (image, prompt) rows, each distinct image preprocessed and encoded once.
 - :func:`mlp_output_directions` -- the unit output directions ``[d_mlp, d_model]`` of a block's MLP neurons (the
@@ -35,8 +41,11 @@ norm (transformers' ``hidden_states[n_layers]`` is that residual *after* the fin
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -50,24 +59,34 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "FAMILIES",
+    "Family",
     "ImageTokenLayout",
     "PatchGrid",
     "SUPPORTED_MODEL_TYPES",
     "Dtype",
     "answer_token_ids",
+    "assistant_prefix",
     "check_layer",
     "check_model",
+    "TOKEN_KEYS",
+    "collate_inputs",
+    "family",
     "final_norm_gain",
     "final_norm_name",
     "format_prompt",
     "image_token_id",
     "image_token_layout",
+    "image_placeholder",
+    "image_prompt",
     "image_token_mask",
     "layer_names",
     "load_vlm",
     "mlp_output_directions",
     "n_layers",
     "position_ids",
+    "processor_inputs",
+    "prompt_positions",
     "residual_site",
     "resolve_model_path",
     "text_config",
@@ -78,8 +97,56 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 """A model or storage dtype, as every script's ``--dtype`` / ``--save-dtype`` spells it."""
 DTYPES: tuple[str, ...] = get_args(Dtype)
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llava_next", "llava")
-"""``model_type`` values of the configs this project loads (LLaVA-NeXT and LLaVA-1.5 layouts)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A supported vision-language model family: what differs between them, spelled once."""
+
+    model_type: str
+    """``config.json``'s ``model_type``."""
+    name: str
+    """How people call it (``"Qwen2.5-VL"``)."""
+    class_name: str
+    """The transformers class that loads it (``transformers.<class_name>``)."""
+    placeholder: str = "image_token"
+    """The processor attribute holding the text a prompt writes for one image (what the chat template renders and
+    the processor expands): the image token itself, or Gemma 3's ``boi_token`` (``<start_of_image>``)."""
+    mrope: bool = False
+    """Position ids are 3-D (M-RoPE) and computed by the model from the image grids (``get_rope_index``): never
+    pass 1-D ``position_ids``."""
+    norm_offset: float = 0.0
+    """The final RMSNorm multiplies by ``norm_offset + weight`` (Gemma: ``1 + weight``)."""
+    image_markers: tuple[str, str] = ("", "")
+    """Text the chat template writes around the placeholder for an image (Qwen2.5-VL's ``<|vision_start|>`` and
+    ``<|vision_end|>``; the other families' processors add their markers themselves): see :func:`image_prompt`."""
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llava_next", "LLaVA-NeXT", "LlavaNextForConditionalGeneration"),
+    Family("llava", "LLaVA-1.5", "LlavaForConditionalGeneration"),
+    Family("llava_onevision", "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration"),
+    Family("qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", mrope=True,
+           image_markers=("<|vision_start|>", "<|vision_end|>")),
+    Family("gemma3", "Gemma 3", "Gemma3ForConditionalGeneration", placeholder="boi_token", norm_offset=1.0),
+    Family("idefics3", "Idefics3", "Idefics3ForConditionalGeneration"),
+)}
+"""The supported families by ``model_type``."""
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
+"""``model_type`` values of the configs this project loads."""
+
+
+def family(model_or_config: Any) -> Family:
+    """The :class:`Family` of a model (or its config); ValueError naming the supported ones otherwise."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"a {model_type!r} model is not supported; {_supported_text()}")
+    return FAMILIES[model_type]
+
+
+def _supported_text() -> str:
+    return "supported families: " + ", ".join(f"{f.name} ({f.model_type})" for f in FAMILIES.values())
 
 # Configs a model folder may hold; any of them with an ``auto_map`` asks for code shipped with the model.
 _CONFIG_FILES = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
@@ -158,10 +225,7 @@ def check_model(model: str) -> str:
             )
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(
-            f"--model {model} is a {model_type!r} model (config.json model_type); supported are LLaVA-style "
-            f"vision-language models of type {' or '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise UserError(f"--model {model} is a {model_type!r} model (config.json model_type); {_supported_text()}")
     if folder is not None:
         _check_weights(model, folder)
     return source
@@ -243,8 +307,11 @@ def load_vlm(
             f"a Hugging Face id reachable from this machine, or 'toy' ({_first_line(err)})"
         ) from None
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        try:
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        except (ImportError, AttributeError, OSError) as err:  # a video processor without torchvision
+            processor = _image_only_processor(source, config.model_type, err)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as err:
         raise UserError(f"--model {model}: its processor (tokenizer and image processor files) could not be "
                         f"loaded ({type(err).__name__}: {_first_line(err)})") from None
     if torch.device(device).type == "cpu":
@@ -266,11 +333,60 @@ def load_vlm(
 def _model_class(model_type: str) -> type:
     import transformers
 
-    known = {
-        "llava_next": transformers.LlavaNextForConditionalGeneration,
-        "llava": transformers.LlavaForConditionalGeneration,
-    }
-    return known[model_type]  # check_model admits only SUPPORTED_MODEL_TYPES
+    return getattr(transformers, FAMILIES[model_type].class_name)  # check_model admits only SUPPORTED_MODEL_TYPES
+
+
+_VIDEO_PROCESSORS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "llava_onevision": "LlavaOnevisionProcessor"}
+"""Families whose processor also holds a video processor, which transformers builds only with torchvision."""
+
+
+def image_only_processor_class(model_type: str) -> type:
+    """The processor class of a family in :data:`_VIDEO_PROCESSORS`, without its video processor: what
+    :func:`load_vlm` uses where torchvision is not installed (transformers' video processors need it; images and
+    text need nothing of them). Same name, same image and text behaviour, saved as the real class."""
+    import inspect
+
+    import transformers
+
+    base = getattr(transformers, _VIDEO_PROCESSORS[model_type])
+    # The base's signature without video_processor: transformers reads the sub-processors and the settings it saves
+    # (num_image_tokens, ...) off the constructor's signature.
+    signature = inspect.signature(base.__init__)
+    signature = signature.replace(parameters=[p for name, p in signature.parameters.items()
+                                              if name != "video_processor"])
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        arguments = dict(signature.bind(self, *args, **kwargs).arguments)
+        extra = next((arguments.pop(p.name) for p in signature.parameters.values()
+                      if p.kind is inspect.Parameter.VAR_KEYWORD and p.name in arguments), {})
+        base.__init__(arguments.pop("self"), video_processor=None, **arguments, **extra)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+
+    def check_argument_for_proper_class(self: Any, name: str, argument: Any) -> Any:
+        if name == "video_processor" and argument is None:
+            return None
+        return base.check_argument_for_proper_class(self, name, argument)
+
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": __name__,
+                                         "check_argument_for_proper_class": check_argument_for_proper_class})
+
+
+def _image_only_processor(source: str, model_type: str, err: Exception) -> Any:
+    """The processor of ``source`` without a video processor (:func:`image_only_processor_class`); re-raises the
+    loading error where torchvision is installed or the family has no video processor."""
+    import importlib.util
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if model_type not in _VIDEO_PROCESSORS or importlib.util.find_spec("torchvision") is not None:
+        raise err
+    cls = image_only_processor_class(model_type)
+    settings, _ = cls.get_processor_dict(source)
+    kwargs = {k: v for k, v in settings.items() if k not in ("image_processor", "video_processor", "processor_class",
+                                                             "tokenizer", "auto_map")}
+    return cls(image_processor=AutoImageProcessor.from_pretrained(source, trust_remote_code=False),
+               tokenizer=AutoTokenizer.from_pretrained(source, trust_remote_code=False), **kwargs)
 
 
 def _fix_processor(processor: Any, model: nn.Module) -> None:
@@ -281,6 +397,8 @@ def _fix_processor(processor: Any, model: nn.Module) -> None:
     lack it and expand ``<image>`` one token short.
     """
     cfg = model.config
+    if cfg.model_type not in ("llava_next", "llava"):
+        return
     if getattr(processor, "patch_size", 1) is None and hasattr(cfg, "vision_config"):
         processor.patch_size = cfg.vision_config.patch_size
     if (
@@ -361,10 +479,14 @@ def final_norm_name(model: nn.Module) -> str:
 
 
 def final_norm_gain(model: nn.Module) -> torch.Tensor | None:
-    """The per-channel scale ``[d_model]`` the final norm applies after normalising (its ``weight``; None for a norm
-    without one): what a residual direction is multiplied by on its way to the unembedding (the logit lens)."""
+    """The per-channel scale ``[d_model]`` the final norm applies after normalising (its ``weight``, or Gemma's
+    ``1 + weight``: :attr:`Family.norm_offset`; None for a norm without one): what a residual direction is
+    multiplied by on its way to the unembedding (the logit lens)."""
     weight = getattr(model.get_submodule(final_norm_name(model)), "weight", None)
-    return None if weight is None else weight.detach()
+    if weight is None:
+        return None
+    offset = FAMILIES[model.config.model_type].norm_offset if model.config.model_type in FAMILIES else 0.0
+    return weight.detach() + offset if offset else weight.detach()
 
 
 def check_layer(model: nn.Module, layer: int, flag: str = "--layer") -> int:
@@ -462,22 +584,28 @@ class ImageTokenLayout:
 
 def image_token_layout(model_or_config: Any, processor: Any, image_size: tuple[int, int]) -> ImageTokenLayout:
     """Which pixels of an image each of its image tokens stands for: the grids of vision patches the model packs
-    into the ``<image>`` placeholders, in token order, and the pixel box each grid covers.
+    into the image's feature positions, in token order, and the pixel box each grid covers (what the feature
+    browser draws heatmaps with). A token's index is its rank among the image's positions in
+    :func:`image_token_mask`; family markers (``<|vision_start|>``, ``<start_of_image>``, ``<row_1_col_1>``) are not
+    among them.
 
-    ``image_size`` = ``(width, height)`` of the image as given to the processor (PIL ``.size``). LLaVA-NeXT (anyres,
-    transformers' ``LlavaNextModel.pack_image_features``): the base tile (the image squashed to one tile,
-    ``side x side`` tokens), then the crop grid of the best resolution of ``image_grid_pinpoints`` with the rows or
-    columns that show only padding removed (``unpad_image``), row-major with one newline token after each row.
-    The image processor resizes the image keeping its aspect ratio to fit the best resolution and pads it centred
-    (any odd pixel after), so the crop grid's box is the region its remaining cells cover, mapped back to the
-    image and clipped to it. LLaVA-1.5: one base grid over the image processor's centre crop, no newlines.
+    ``image_size`` = ``(width, height)`` of the image as given to the processor (PIL ``.size``). Per family:
+
+    - LLaVA-NeXT (anyres, transformers' ``LlavaNextModel.pack_image_features``): the base tile (the image squashed to
+      one tile, ``side x side`` tokens), then the crop grid of the best resolution of ``image_grid_pinpoints`` with
+      the rows or columns that show only padding removed (``unpad_image``), row-major with one newline token after
+      each row. The image processor resizes the image keeping its aspect ratio to fit the best resolution and pads
+      it centred (any odd pixel after), so the crop grid's box is the region its remaining cells cover, mapped back
+      to the image and clipped to it. LLaVA-1.5: one base grid over the image processor's centre crop, no newlines.
+    - LLaVA-OneVision: :func:`_onevision_layout`; Qwen2.5-VL: :func:`_qwen2_5_vl_layout`; Gemma 3:
+      :func:`_gemma3_layout`; Idefics3: :func:`_idefics3_layout`.
 
     Raises:
-        ValueError: (one line) a model type other than ``llava_next``/``llava``; a
-            ``vision_feature_select_strategy`` other than ``"default"`` (``"full"`` keeps the CLS token, which
-            covers no patch; LLaVA-NeXT's packing cannot reshape it); a model without ``image_newline``; a
-            processor that expands ``<image>`` into a different number of tokens than the model fills, or whose
-            resize/crop/pinpoint settings do not match the vision tower's tile.
+        ValueError: (one line) an unsupported model type; settings a family's layout does not model (LLaVA: a
+            ``vision_feature_select_strategy`` other than ``"default"`` -- ``"full"`` keeps the CLS token, which
+            covers no patch --, a model without ``image_newline``, a processor that expands ``<image>`` into a
+            different number of tokens than the model fills, or whose resize/crop/pinpoint settings do not match
+            the vision tower's tile; the others: see their functions).
     """
     import torch
     from torch import nn
@@ -486,10 +614,9 @@ def image_token_layout(model_or_config: Any, processor: Any, image_size: tuple[i
     width, height = (int(v) for v in image_size)
     if width < 1 or height < 1:
         raise ValueError(f"image_size {tuple(image_size)} is not a (width, height) of a non-empty image")
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"image token layout of a {model_type!r} model is unknown; supported are "
-                         f"{' and '.join(SUPPORTED_MODEL_TYPES)}")
+    model_type = family(cfg).model_type
+    if model_type not in ("llava", "llava_next"):
+        return _LAYOUTS[model_type](model_or_config, processor, width, height)
     strategy = getattr(cfg, "vision_feature_select_strategy", None)
     if strategy != "default":
         raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported: only 'default' (the CLS "
@@ -511,37 +638,12 @@ def image_token_layout(model_or_config: Any, processor: Any, image_size: tuple[i
     ):
         raise ValueError(f"{type(model_or_config).__name__} has no image_newline parameter; its LLaVA-NeXT token "
                          "layout (one newline token after each crop-grid row) does not apply")
-    pinpoints = [[int(v) for v in point] for point in cfg.image_grid_pinpoints]
     image_processor = processor.image_processor
-    processor_points = getattr(image_processor, "image_grid_pinpoints", None)
-    if processor_points is None or [[int(v) for v in point] for point in processor_points] != pinpoints:
-        raise ValueError(f"the image processor's image_grid_pinpoints {processor_points} differ from the model's "
-                         f"{pinpoints}")
-    if any(h % tile or w % tile for h, w in pinpoints):
-        raise ValueError(f"image_grid_pinpoints {pinpoints} are not multiples of the tile size {tile}")
     if _resize_square(image_processor) != tile or _crop_square(image_processor) != tile:
         raise ValueError(f"the image processor's size {image_processor.size} and crop_size "
                          f"{image_processor.crop_size} are not the vision tower's {tile}x{tile} tile")
-    from transformers.image_processing_utils import select_best_resolution
-
-    best_h, best_w = select_best_resolution((height, width), pinpoints)  # pinpoints are [height, width]
-    rows_full, cols_full = best_h // tile * side, best_w // tile * side  # the crop tiles' patches, side by side
-    # unpad_image (and the processor's _get_unpadded_features): drop `pad` rows (or columns) at each end; its
-    # int(round(x, 7)) truncates x, rounding only float noise (35.9999999 -> 36).
-    r0, r1, c0, c1 = 0, rows_full, 0, cols_full
-    if width / height > cols_full / rows_full:
-        pad = (rows_full - int(round(height * (cols_full / width), 7))) // 2
-        r0, r1 = pad, rows_full - pad
-    else:
-        pad = (cols_full - int(round(width * (rows_full / height), 7))) // 2
-        c0, c1 = pad, cols_full - pad
-    # The image processor (get_patch_output_size, then _pad_for_patching): the image resized to new_w x new_h
-    # keeping its aspect ratio, pasted at (left, top) of the best_w x best_h canvas; patch cells are patch pixels.
-    if best_w / width < best_h / height:
-        new_w, new_h = best_w, min(math.ceil(height * (best_w / width)), best_h)
-    else:
-        new_w, new_h = min(math.ceil(width * (best_h / height)), best_w), best_h
-    left, top = (best_w - new_w) // 2, (best_h - new_h) // 2
+    geometry = _anyres_canvas(cfg, processor, width, height, tile, side)
+    (r0, r1), (c0, c1), (left, top, new_w, new_h) = geometry.rows, geometry.cols, geometry.image
     box = (min(max((c0 * patch - left) * width / new_w, 0.0), float(width)),
            min(max((r0 * patch - top) * height / new_h, 0.0), float(height)),
            min(max((c1 * patch - left) * width / new_w, 0.0), float(width)),
@@ -552,6 +654,344 @@ def image_token_layout(model_or_config: Any, processor: Any, image_size: tuple[i
     grids = (PatchGrid("base", (0.0, 0.0, float(width), float(height)), (side, side), base_tokens),
              PatchGrid("crops", box, (rows, cols), crop_tokens))
     return ImageTokenLayout(n_base + rows * (cols + 1), grids, row_starts + cols)
+
+
+def _qwen2_5_vl_layout(model_or_config: Any, processor: Any, width: int, height: int) -> ImageTokenLayout:
+    """Qwen2.5-VL: the image processor resizes the whole image (no crop, no padding) to ``smart_resize``'s size: each
+    side a multiple of ``patch_size * merge_size``, the area within ``[min_pixels, max_pixels]`` (``size``'s
+    ``shortest_edge`` / ``longest_edge``), the aspect ratio kept as well as that allows. The vision tower cuts
+    ``patch_size`` patches; its merger makes each ``merge_size x merge_size`` block one token. The tower reorders
+    the blocks into attention windows (``get_vision_window_index``) and restores the order after the merger, so the
+    tokens are the merged cells in raster order: one grid ``"base"`` over the whole image. ValueError: the image
+    processor's patch / merge / temporal sizes differ from the tower's, or it does not resize; an aspect ratio
+    ``smart_resize`` refuses (over 200)."""
+    import torch
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    cfg = getattr(model_or_config, "config", model_or_config)
+    vision, ip = cfg.vision_config, processor.image_processor
+    for name, ours in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                       ("temporal_patch_size", "temporal_patch_size")):
+        if int(getattr(ip, name)) != int(getattr(vision, ours)):
+            raise ValueError(f"the image processor's {name} {getattr(ip, name)} differs from the vision tower's "
+                             f"{ours} {getattr(vision, ours)}")
+    if not getattr(ip, "do_resize", True):
+        raise ValueError("a Qwen2.5-VL image processor with do_resize=False is not supported")
+    factor = int(ip.patch_size) * int(ip.merge_size)
+    try:
+        new_h, new_w = smart_resize(height, width, factor=factor, min_pixels=_size_field(ip.size, "shortest_edge"),
+                                    max_pixels=_size_field(ip.size, "longest_edge"))
+    except ValueError as err:
+        raise ValueError(_first_line(err)) from None
+    rows, cols = new_h // factor, new_w // factor
+    grid = PatchGrid("base", (0.0, 0.0, float(width), float(height)), (rows, cols), torch.arange(rows * cols))
+    return ImageTokenLayout(rows * cols, (grid,), torch.zeros(0, dtype=torch.long))
+
+
+def _gemma3_layout(model_or_config: Any, processor: Any, width: int, height: int) -> ImageTokenLayout:
+    """Gemma 3: the image processor squashes the whole image to the vision tower's square tile (aspect ratio not
+    kept); SigLIP cuts ``image_size / patch_size`` patches a side and the projector average-pools them into a
+    ``sqrt(mm_tokens_per_image)``-a-side grid, row-major: one grid ``"base"`` over the whole image,
+    ``mm_tokens_per_image`` (256) tokens whatever the image. ``\\n\\n<start_of_image>`` and ``<end_of_image>\\n\\n``
+    around them are text. With pan and scan (off unless ``processor.images_kwargs["do_pan_and_scan"]``; a call's
+    ``do_pan_and_scan=True`` is not visible here) each crop adds one ``"crops"`` grid over its box, after the base.
+    ValueError: pooling that does not divide the patch grid; a processor whose ``image_seq_length`` or resize
+    differs from the model's."""
+    import torch
+
+    cfg = getattr(model_or_config, "config", model_or_config)
+    tile, patch = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size)
+    n = int(cfg.mm_tokens_per_image)
+    side = math.isqrt(n)
+    if tile % patch or side * side != n or (tile // patch) % side:
+        raise ValueError(f"vision tile {tile} / patch {patch} does not pool evenly into mm_tokens_per_image {n}")
+    if int(getattr(processor, "image_seq_length", -1)) != n:
+        raise ValueError(f"the processor's image_seq_length {getattr(processor, 'image_seq_length', None)} differs "
+                         f"from the model's mm_tokens_per_image {n}")
+    ip = processor.image_processor
+    if not getattr(ip, "do_resize", True) or (_size_field(ip.size, "height"), _size_field(ip.size, "width")) != (
+            tile, tile):
+        raise ValueError(f"the image processor does not resize to the vision tower's {tile}x{tile} tile")
+    images_kwargs = dict(getattr(processor, "images_kwargs", None) or {})
+    boxes = [(0.0, 0.0, float(width), float(height))]
+    if images_kwargs.get("do_pan_and_scan"):
+        boxes += _gemma3_pan_and_scan_boxes(width, height, int(images_kwargs["pan_and_scan_min_crop_size"]),
+                                            int(images_kwargs["pan_and_scan_max_num_crops"]),
+                                            float(images_kwargs["pan_and_scan_min_ratio_to_activate"]))
+    grids = tuple(PatchGrid("base" if i == 0 else "crops", box, (side, side), torch.arange(n) + i * n)
+                  for i, box in enumerate(boxes))
+    return ImageTokenLayout(n * len(boxes), grids, torch.zeros(0, dtype=torch.long))
+
+
+def _gemma3_pan_and_scan_boxes(width: int, height: int, min_crop: int, max_crops: int,
+                        min_ratio: float) -> list[tuple[float, float, float, float]]:
+    """The crops Gemma 3's image processor cuts from a ``width x height`` image when pan and scan is on
+    (``Gemma3ImageProcessorPil.pan_and_scan``: 2..max_crops equal crops along the long side of an image at least
+    ``min_ratio`` times longer than wide, none when a crop would be under ``min_crop`` pixels), as boxes in
+    original pixels, in the processor's order (row-major); the last crop is clipped at the image edge."""
+    if width >= height:
+        if width / height < min_ratio:
+            return []
+        n_w = min(max_crops, max(2, min(int(math.floor(width / min_crop)), int(math.floor(width / height + 0.5)))))
+        n_h = 1
+    else:
+        if height / width < min_ratio:
+            return []
+        n_h = min(max_crops, max(2, min(int(math.floor(height / min_crop)), int(math.floor(height / width + 0.5)))))
+        n_w = 1
+    crop_w, crop_h = int(math.ceil(width / n_w)), int(math.ceil(height / n_h))
+    if min(crop_w, crop_h) < min_crop:
+        return []
+    return [(float(x), float(y), float(min(x + crop_w, width)), float(min(y + crop_h, height)))
+            for y, x in itertools.product([crop_h * i for i in range(n_h)], [crop_w * i for i in range(n_w)])]
+
+
+_IDEFICS3_MAX_SIZE = 4096  # transformers' Idefics3 image processors: the absolute cap of the first resize
+
+
+def _idefics3_tiles(processor: Any, width: int, height: int) -> tuple[int, int, int, int, int, int]:
+    """``(rows, cols, h1, w1, h2, w2)`` of Idefics3's tiling of a ``width x height`` image: ``rows x cols`` tiles of
+    the ``h2 x w2`` resize of the ``h1 x w1`` first resize (``rows = cols = 0``: not split, one tile of the whole
+    image). The image processor resizes
+    the whole image (no crop, no padding): (1) ``do_resize``: the longest edge to ``size["longest_edge"]`` (up or
+    down), the other ``int`` of the kept aspect ratio made even, capped at 4096; (2) ``do_image_splitting``: each
+    edge up to a multiple of the tile ``max_image_size["longest_edge"]`` (the short edge from the long one's
+    aspect, so the aspect changes by up to a tile); (3) tiles row-major when an edge exceeds one tile, then the
+    whole image squashed to one tile (the global image). The processor's own count helpers
+    (``get_number_of_image_patches``) get (2) wrong when ``longest_edge`` is not a multiple of the tile."""
+    ip = processor.image_processor
+    tile = _size_field(ip.max_image_size, "longest_edge")
+    h, w = height, width
+    if getattr(ip, "do_resize", True):
+        longest = _size_field(ip.size, "longest_edge")
+        if longest is None:
+            raise ValueError(f"Idefics3 image processor size {ip.size} has no longest_edge")
+        aspect = w / h
+        if w >= h:
+            w = longest
+            h = int(w / aspect)
+            h += h % 2
+        else:
+            h = longest
+            w = int(h * aspect)
+            w += w % 2
+        h, w = max(h, 1), max(w, 1)
+        aspect = w / h
+        if w >= h and w > _IDEFICS3_MAX_SIZE:
+            w, h = _IDEFICS3_MAX_SIZE, int(_IDEFICS3_MAX_SIZE / aspect)
+        elif h > w and h > _IDEFICS3_MAX_SIZE:
+            h, w = _IDEFICS3_MAX_SIZE, int(_IDEFICS3_MAX_SIZE * aspect)
+        h, w = max(h, 1), max(w, 1)
+    h1, w1 = h, w
+    if not getattr(ip, "do_image_splitting", True):
+        return 0, 0, h1, w1, h, w
+    aspect = w / h
+    if w >= h:
+        w = math.ceil(w / tile) * tile
+        h = math.ceil(int(w / aspect) / tile) * tile
+    else:
+        h = math.ceil(h / tile) * tile
+        w = math.ceil(int(h * aspect) / tile) * tile
+    if h > tile or w > tile:
+        return h // tile, w // tile, h1, w1, h, w
+    return 0, 0, h1, w1, h, w
+
+
+def _idefics3_layout(model_or_config: Any, processor: Any, width: int, height: int) -> ImageTokenLayout:
+    """Idefics3: the tiles of :func:`_idefics3_tiles` (``<fake_token_around_image><row_r_col_c>`` and the tile's
+    image tokens each, a ``"\\n"`` after each row of tiles), then the global image (``<global-img>``). Inside a tile
+    SigLIP cuts ``side x side`` patches and the connector's pixel shuffle stacks each ``s x s`` block into one token
+    (``s = scale_factor``), row-major. Grids: one ``"crops"`` grid per tile (its part of the image), in tile order,
+    then ``"base"`` (the global image). The markers and the
+    ``"\\n"`` are text, not image positions. ValueError: a tile (``max_image_size``) other than the tower's
+    ``image_size``; a patch grid the pixel shuffle cannot tile; a processor ``image_seq_len`` other than the tokens
+    the connector makes per tile."""
+    import torch
+
+    cfg = getattr(model_or_config, "config", model_or_config)
+    tower, patch, scale = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size), int(cfg.scale_factor)
+    if tower % patch or (tower // patch) % scale:
+        raise ValueError(f"vision image_size {tower} / patch_size {patch} is not a whole number of "
+                         f"{scale}x{scale} pixel-shuffle blocks")
+    side = tower // patch // scale
+    n_seq = side * side
+    if int(processor.image_seq_len) != n_seq:
+        raise ValueError(f"the processor's image_seq_len {processor.image_seq_len} is not the {n_seq} tokens the "
+                         "connector makes per tile")
+    tile = _size_field(processor.image_processor.max_image_size, "longest_edge")
+    if tile != tower:
+        raise ValueError(f"the image processor's tiles (max_image_size {tile}) are not the vision tower's "
+                         f"{tower}x{tower} input")
+    rows, cols, _, _, h2, w2 = _idefics3_tiles(processor, width, height)
+    grids = []
+    for r in range(rows):
+        for c in range(cols):  # tile (r, c): pixels [rT, (r+1)T) x [cT, (c+1)T) of the h2 x w2 resize
+            box = (width * c * tile / w2, height * r * tile / h2, width * (c + 1) * tile / w2,
+                   height * (r + 1) * tile / h2)
+            grids.append(PatchGrid("crops", box, (side, side), len(grids) * n_seq + torch.arange(n_seq)))
+    grids.append(PatchGrid("base", (0.0, 0.0, float(width), float(height)), (side, side),
+                           len(grids) * n_seq + torch.arange(n_seq)))
+    return ImageTokenLayout(len(grids) * n_seq, tuple(grids), torch.zeros(0, dtype=torch.long))
+
+
+def _max_patches(aspect: Any) -> int:
+    """``vision_aspect_ratio`` ``"anyres_max_N"`` -> N (transformers parses it with ``int(s.strip("anyres_max_"))``)."""
+    found = re.fullmatch(r"anyres_max_(\d+)", str(aspect))
+    if found is None:
+        raise ValueError(f"vision_aspect_ratio {aspect!r} is not supported (expected 'anyres_max_N')")
+    return int(found.group(1))
+
+
+def _onevision_layout(model_or_config: Any, processor: Any, width: int, height: int) -> ImageTokenLayout:
+    """LLaVA-OneVision: the image tokens of one image alone in its prompt (``batch_num_images == 1``), in token order
+    (``LlavaOnevisionModel.pack_image_features``, modeling_llava_onevision.py l.245-308):
+
+    1. the base tile: the whole image squashed to the tower's ``T x T`` tile, ``side x side`` tokens row-major
+       (``side = T // patch``; SigLIP's strided conv reads ``side * patch`` pixels of the tile: 378 of 384 in the
+       real model, so the base grid covers the image's top-left ``378/384`` in each direction); no newline;
+    2. the anyres crop grid: the best resolution of ``image_grid_pinpoints`` (``select_best_resolution``), the image
+       resized into it keeping its aspect ratio and pasted centred (``get_patch_output_size``, ``_pad_for_patching``),
+       cut into ``T x T`` tiles whose ``side x side`` patches form one ``(rows_t * side) x (cols_t * side)`` grid;
+       the rows (or columns) that show only padding are dropped (``unpad_image``, ``int(round(x, 7))``), then, when
+       ``ratio = sqrt(h * w / (N * side**2)) > 1.1`` (``vision_aspect_ratio = "anyres_max_N"``), the ``h x w`` grid
+       is resized bilinearly to ``int(h // ratio) x int(w // ratio)``; each row is followed by one ``image_newline``.
+
+    Grids: ``"base"``; then without the downsampling one ``"crops"`` grid per tile (its kept patches: exact, the
+    strip of each tile that no patch reads lies between grids; a first/last kept row or column that reaches past the
+    image is a grid of its own, so that clipping it to the image moves no other cell); with it one ``"crops"`` grid
+    of the downsampled shape over the kept patches' span (approximate: a bilinear cell mixes the two nearest source
+    rows/columns, and the unseen strips are spread over the cells). Boxes are in original pixels, clipped to the image.
+
+    Raises:
+        ValueError: (one line) a model type other than ``llava_onevision``; a strategy other than ``"full"`` (SigLIP
+            has no CLS token: ``"default"`` drops a patch and the packing fails); a processor that counts other
+            tokens than the model fills (``num_image_tokens != side**2``, another strategy or aspect ratio), or
+            whose resize/pinpoints are not the tower's tile.
+    """
+    import torch
+
+    cfg = getattr(model_or_config, "config", model_or_config)
+    strategy = cfg.vision_feature_select_strategy
+    if strategy != "full":
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported: LLaVA-OneVision's SigLIP has "
+                         "no CLS token, only 'full' keeps every patch")
+    tile, patch = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size)
+    side = tile // patch  # SigLIP's conv (stride = patch) reads side * patch pixels of each tile
+    seen = side * patch
+    n_base = side * side
+    max_patches = _max_patches(cfg.vision_aspect_ratio)
+    proc_tokens = getattr(processor, "num_image_tokens", None)
+    proc_strategy = getattr(processor, "vision_feature_select_strategy", None)
+    if proc_tokens != n_base or proc_strategy not in (None, "full"):
+        raise ValueError(f"the processor (num_image_tokens {proc_tokens}, strategy {proc_strategy!r}) does not expand "
+                         f"<image> into the tokens the model fills ({side}x{side} patches a tile, strategy 'full')")
+    if _max_patches(getattr(processor, "vision_aspect_ratio", None)) != max_patches:
+        raise ValueError(f"the processor's vision_aspect_ratio {processor.vision_aspect_ratio!r} differs from the "
+                         f"model's {cfg.vision_aspect_ratio!r}")
+    image_processor = processor.image_processor
+    size, crop = image_processor.size, getattr(image_processor, "crop_size", None)
+    resize = (_size_field(size, "height"), _size_field(size, "width"))
+    cut = _size_field(crop, "height") if crop is not None else None
+    if resize != (tile, tile) or (cut or tile) != tile or getattr(image_processor, "do_center_crop", None):
+        raise ValueError(f"the image processor's size {size} / crop_size {crop} is not the vision tower's "
+                         f"{tile}x{tile} tile")
+    geometry = _anyres_canvas(cfg, processor, width, height, tile, side)
+    (r0, r1), (c0, c1), (left, top, new_w, new_h) = geometry.rows, geometry.cols, geometry.image
+
+    def canvas(k: int) -> int:
+        """Canvas pixel where global patch row/column ``k`` starts (``k == side * n``: the end of tile n-1's
+        patches is given by ``canvas(k - 1) + patch``)."""
+        return k // side * tile + k % side * patch
+
+    def box(ra: int, rb: int, ca: int, cb: int) -> tuple[float, float, float, float]:
+        """Original-pixel box of patch rows ra..rb-1, columns ca..cb-1 (canvas span from the first's start to the
+        last's end), clipped to the image."""
+        x0, x1 = canvas(ca), canvas(cb - 1) + patch
+        y0, y1 = canvas(ra), canvas(rb - 1) + patch
+        return (min(max((x0 - left) * width / new_w, 0.0), float(width)),
+                min(max((y0 - top) * height / new_h, 0.0), float(height)),
+                min(max((x1 - left) * width / new_w, 0.0), float(width)),
+                min(max((y1 - top) * height / new_h, 0.0), float(height)))
+
+    rows, cols = r1 - r0, c1 - c0
+    ratio = math.sqrt(rows * cols / (max_patches * side**2))
+    downsampled = ratio > 1.1
+    if downsampled:  # nn.functional.interpolate(..., [int(h // ratio), int(w // ratio)], mode="bilinear")
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    row_starts = n_base + torch.arange(rows) * (cols + 1)  # each row: cols cells, then its newline
+    base = PatchGrid("base", (0.0, 0.0, width * seen / tile, height * seen / tile), (side, side),
+                     torch.arange(n_base))
+    grids = [base]
+    if downsampled:
+        tokens = (row_starts[:, None] + torch.arange(cols)[None, :]).flatten()
+        grids.append(PatchGrid("crops", box(r0, r1, c0, c1), (rows, cols), tokens))
+    else:
+        # A grid per tile; the first/last kept row (column) apart when it reaches past the image, so that clipping
+        # its cells to the image leaves the other cells' boxes exact.
+        row_cuts = {r0, r1, *range((r0 // side + 1) * side, r1, side)}
+        col_cuts = {c0, c1, *range((c0 // side + 1) * side, c1, side)}
+        if canvas(r0) < top and r1 - r0 > 1:
+            row_cuts.add(r0 + 1)
+        if canvas(r1 - 1) + patch > top + new_h and r1 - r0 > 1:
+            row_cuts.add(r1 - 1)
+        if canvas(c0) < left and c1 - c0 > 1:
+            col_cuts.add(c0 + 1)
+        if canvas(c1 - 1) + patch > left + new_w and c1 - c0 > 1:
+            col_cuts.add(c1 - 1)
+        row_cuts, col_cuts = sorted(row_cuts), sorted(col_cuts)
+        for ra, rb in zip(row_cuts, row_cuts[1:]):
+            for ca, cb in zip(col_cuts, col_cuts[1:]):
+                tokens = (row_starts[ra - r0 : rb - r0, None] + torch.arange(ca - c0, cb - c0)[None, :]).flatten()
+                grids.append(PatchGrid("crops", box(ra, rb, ca, cb), (rb - ra, cb - ca), tokens))
+    return ImageTokenLayout(n_base + rows * (cols + 1), tuple(grids), row_starts + cols)
+
+
+_LAYOUTS = {"qwen2_5_vl": _qwen2_5_vl_layout, "gemma3": _gemma3_layout, "idefics3": _idefics3_layout,
+            "llava_onevision": _onevision_layout}
+
+
+@dataclasses.dataclass(frozen=True)
+class _AnyresCanvas:
+    """Where an image lies in LLaVA-NeXT / OneVision's anyres crop grid (:func:`_anyres_canvas`)."""
+
+    rows: tuple[int, int]
+    """``(r0, r1)``: the patch rows of the ``best_h x best_w`` canvas the model keeps (``unpad_image``)."""
+    cols: tuple[int, int]
+    """``(c0, c1)``: the kept patch columns."""
+    image: tuple[int, int, int, int]
+    """``(left, top, new_w, new_h)``: the resized image's place on the canvas, in canvas pixels."""
+
+
+def _anyres_canvas(cfg: Any, processor: Any, width: int, height: int, tile: int, side: int) -> _AnyresCanvas:
+    """The anyres geometry both LLaVA-NeXT and LLaVA-OneVision share: the best resolution of
+    ``image_grid_pinpoints`` for the image, its tiles' ``side x side`` patches side by side with the rows (or
+    columns) that show only padding removed (``unpad_image``; its ``int(round(x, 7))`` truncates, rounding only
+    float noise: 35.9999999 -> 36), and where the image processor pastes the image resized keeping its aspect ratio
+    (``get_patch_output_size``, then centred by ``_pad_for_patching``). ValueError: pinpoints that differ from the
+    image processor's or are not multiples of the tile."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    pinpoints = [[int(v) for v in point] for point in cfg.image_grid_pinpoints]
+    processor_points = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    if processor_points is None or [[int(v) for v in point] for point in processor_points] != pinpoints:
+        raise ValueError(f"the image processor's image_grid_pinpoints {processor_points} differ from the model's "
+                         f"{pinpoints}")
+    if any(h % tile or w % tile for h, w in pinpoints):
+        raise ValueError(f"image_grid_pinpoints {pinpoints} are not multiples of the tile size {tile}")
+    best_h, best_w = select_best_resolution((height, width), pinpoints)  # pinpoints are [height, width]
+    rows_full, cols_full = best_h // tile * side, best_w // tile * side  # the crop tiles' patches, side by side
+    r0, r1, c0, c1 = 0, rows_full, 0, cols_full
+    if width / height > cols_full / rows_full:
+        pad = (rows_full - int(round(height * (cols_full / width), 7))) // 2
+        r0, r1 = pad, rows_full - pad
+    else:
+        pad = (cols_full - int(round(width * (rows_full / height), 7))) // 2
+        c0, c1 = pad, cols_full - pad
+    if best_w / width < best_h / height:
+        new_w, new_h = best_w, min(math.ceil(height * (best_w / width)), best_h)
+    else:
+        new_w, new_h = min(math.ceil(width * (best_h / height)), best_w), best_h
+    return _AnyresCanvas((r0, r1), (c0, c1), ((best_w - new_w) // 2, (best_h - new_h) // 2, new_w, new_h))
 
 
 def _size_field(size: Any, key: str) -> int | None:
@@ -617,23 +1057,53 @@ def _check_processor_count(processor: Any, patch: int) -> None:
                          f"model fills (patch {patch}, CLS dropped); load both with lineofsight.models.load_vlm")
 
 
+def image_placeholder(processor: Any) -> str:
+    """The text a prompt holds for one image, which the processor expands into the image's tokens: the image token
+    (``<image>``, Qwen2.5-VL's ``<|image_pad|>``) or, for Gemma 3, ``<start_of_image>`` (its processor's
+    ``boi_token``; the image token ``<image_soft_token>`` is what it expands into)."""
+    for attr in ("boi_token", "image_token") if getattr(processor, "boi_token", None) else ("image_token",):
+        value = getattr(processor, attr, None)
+        if value:
+            return str(value)
+    return "<image>"
+
+
+def image_prompt(model: nn.Module, processor: Any) -> str:
+    """A prompt of the image alone, outside any chat turn (the linear probes' default, as the paper's ``<image>``):
+    the placeholder with the markers the family's template writes around it (:attr:`Family.image_markers`)."""
+    before, after = family(model).image_markers
+    return before + image_placeholder(processor) + after
+
+
 def format_prompt(processor: Any, question: str, image: bool = True) -> str:
-    """``question`` in the model's prompt format, ready for ``processor(text=..., images=...)``.
+    """``question`` in the model's prompt format, ready for ``processor(text=..., images=...)``: one user turn (the
+    image, then the question) and the generation prompt.
 
     Uses the processor's chat template when it has one (for llava-v1.6-mistral this gives
     ``[INST] <image>\\nWhat is shown in this image? [/INST]``); otherwise the LLaVA-NeXT-Mistral
-    form :data:`MISTRAL_PROMPT`. ``image=False`` formats a text-only turn.
+    form :data:`MISTRAL_PROMPT`. ``image=False`` formats a text-only turn. A template that writes the BOS text
+    itself (Gemma 3's ``<bos>``, Idefics3's ``<|begin_of_text|>``) loses it here when the tokenizer adds BOS on its
+    own, as the processor's call does: the model then reads one BOS, as in training, not two.
     """
-    image_token = getattr(processor, "image_token", None) or "<image>"
     if getattr(processor, "chat_template", None):
         content: list[dict[str, str]] = [{"type": "image"}] if image else []
         content.append({"type": "text", "text": question})
-        return processor.apply_chat_template(
+        text = processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
+        return _without_template_bos(processor.tokenizer, text)
     if image:
-        return MISTRAL_PROMPT.format(image=image_token, question=question)
+        return MISTRAL_PROMPT.format(image=image_placeholder(processor), question=question)
     return MISTRAL_TEXT_PROMPT.format(question=question)
+
+
+def _without_template_bos(tokenizer: Any, text: str) -> str:
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and getattr(tokenizer, "bos_token_id", None) is not None:
+        added = tokenizer("", add_special_tokens=True)["input_ids"]
+        if added[:1] == [tokenizer.bos_token_id]:
+            return text[len(bos) :]
+    return text
 
 
 def answer_token_ids(processor: Any, prompt: str, answer: str) -> list[int]:
@@ -653,7 +1123,7 @@ def answer_token_ids(processor: Any, prompt: str, answer: str) -> list[int]:
             writes an unknown token (the model could not write the answer).
     """
     tok = processor.tokenizer
-    text = prompt + _assistant_prefix(processor) + answer
+    text = prompt + assistant_prefix(processor) + answer
     asked = tok(prompt, add_special_tokens=False)["input_ids"]
     answered = tok(text, add_special_tokens=False)["input_ids"]
     if answered[: len(asked)] != asked or len(answered) == len(asked):
@@ -665,9 +1135,10 @@ def answer_token_ids(processor: Any, prompt: str, answer: str) -> list[int]:
     return ids
 
 
-def _assistant_prefix(processor: Any) -> str:
+def assistant_prefix(processor: Any) -> str:
     """What the prompt format puts between the generation prompt and the answer's text (``" "`` in the
-    LLaVA-NeXT-Mistral templates); read off the chat template by rendering a turn with a marker answer."""
+    LLaVA-NeXT-Mistral templates, nothing in Qwen2.5-VL's and Gemma 3's); read off the chat template by rendering a
+    turn with a marker answer. A teacher-forced pass reads ``prompt + assistant_prefix(processor) + answer``."""
     if not getattr(processor, "chat_template", None):
         return " "  # MISTRAL_PROMPT ends with [/INST]; the model answers " " + answer
     marker = "\ue000answer\ue000"
@@ -687,6 +1158,20 @@ def position_ids(attention_mask_BT: torch.Tensor) -> torch.Tensor:
     return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_positions(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Position ids of a (left-padded) prompt batch for a cached prefill: :func:`position_ids` ``[B, T]``, or for
+    an M-RoPE family (:attr:`Family.mrope`, Qwen2.5-VL) the model's own 3-D ids ``[3, B, T]`` (temporal, height,
+    width; image tokens at their grid cell, text after them one step at a time, from ``input_ids``,
+    ``mm_token_type_ids``, ``image_grid_thw`` and the mask). Either way the next token's ids are
+    ``positions[..., -1:] + 1`` (a prompt ends with text, whose components are equal), as ``generate`` counts."""
+    if not family(model).mrope:
+        return position_ids(inputs["attention_mask"])
+    ids, _ = getattr(model, "model", model).get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+        attention_mask=inputs["attention_mask"])
+    return ids
+
+
 def final_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """The last hidden states ``[B, T, D]`` (the final norm's output, what the output embedding reads), from a
     forward that computes logits for the last position only (``logits_to_keep=1``; for losses on a few
@@ -702,6 +1187,43 @@ def final_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     return trace.output
 
 
+TOKEN_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+"""Processor outputs with one entry per token (``[B, T]``): padded, not concatenated, when rows are batched."""
+
+
+def collate_inputs(tokenizer: Any, parts: Sequence[dict[str, torch.Tensor]],
+                   padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """One batch from the processor's outputs for single rows (``processor(text=[t], images=[im])`` each), equal to
+    what one batched call ``processor(text=texts, images=images, padding=True)`` gives, for every family:
+
+    - token rows (:data:`TOKEN_KEYS`) padded to the longest on ``padding_side``: ``input_ids`` with the pad id,
+      the masks and type ids with 0;
+    - tiled pixels (``pixel_values [1, n_tiles, 3, H, W]`` of LLaVA-NeXT / OneVision / Idefics3 and Idefics3's
+      ``pixel_attention_mask [1, n_tiles, H, W]``) zero-padded over the tiles (the image processors' own padding
+      for batching; models drop or ignore all-zero tiles), then stacked;
+    - the rest concatenated on dim 0 (LLaVA-1.5 / Gemma 3 pixels, ``image_sizes``, Qwen2.5-VL's flat patch rows
+      ``pixel_values [n_patches, C*T*P*P]`` and ``image_grid_thw``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    width = max((int(part[key].shape[1]) for part in parts for key in TOKEN_KEYS if key in part), default=0)
+    out = {}
+    for key in parts[0]:
+        xs = [part[key] for part in parts]
+        if key in TOKEN_KEYS:
+            pad = tokenizer.pad_token_id if key == "input_ids" else 0
+            if pad is None:
+                raise UserError(f"{type(tokenizer).__name__} has no pad token; cannot batch rows")
+            xs = [F.pad(x, (0, width - x.shape[1]) if padding_side == "right" else (width - x.shape[1], 0), value=pad)
+                  for x in xs]
+        elif (key == "pixel_values" and xs[0].dim() == 5) or (key == "pixel_attention_mask" and xs[0].dim() == 4):
+            n_tiles = max(int(x.shape[1]) for x in xs)
+            xs = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, n_tiles - x.shape[1])) for x in xs]
+        out[key] = torch.cat(xs)
+    return out
+
+
 def vlm_inputs(model: nn.Module, processor: Any, images: list[Any], prompts: list[str]) -> dict[str, Any]:
     """Model inputs for a batch of (image, prompt) rows, on the model's device.
 
@@ -709,14 +1231,18 @@ def vlm_inputs(model: nn.Module, processor: Any, images: list[Any], prompts: lis
     image, the paper's ten questions and many strengths ``k``. Here each distinct image object
     (by identity) is preprocessed and sent through the vision tower once, whatever the number of
     prompts and strengths it comes with, and each distinct (image, prompt) pair is tokenized once;
-    the rows index into the results. Each prompt holds exactly one ``processor.image_token``.
+    the rows index into the results. Each prompt holds exactly one :func:`image_placeholder`.
 
-    Returns ``input_ids`` and ``attention_mask`` (left padding if the tokenizer pads left), plus
-    either ``mm_encoder_outputs`` (the image features, one entry per row, which transformers'
-    LLaVA forward takes instead of pixels; the features can be reused for several forwards) or,
-    for a model whose forward does not take them, ``pixel_values``/``image_sizes`` per row.
-    Either way ``model(**inputs)`` computes what ``model(**processor(text=prompts,
-    images=images))`` does, with the same ``input_ids`` and ``attention_mask``.
+    The image's text (the placeholder expanded into its image tokens and the family's markers:
+    :func:`_image_text`) is read off one processor call on the distinct images and checked: the first prompt of
+    each image tokenizes to exactly the processor's ``input_ids``.
+
+    Returns ``input_ids`` and ``attention_mask`` (left padding if the tokenizer pads left), the per-row inputs the
+    family's forward still needs beside the features (Gemma 3's ``token_type_ids``, Qwen2.5-VL's
+    ``image_grid_thw`` and ``mm_token_type_ids``), plus either ``mm_encoder_outputs`` (the image features, which
+    transformers' forward takes instead of pixels; they can be reused for several forwards) or, for a model whose
+    forward does not take them, the pixel inputs per row. Either way ``model(**inputs)`` computes what
+    ``model(**processor(text=prompts, images=images))`` does, with the same ``input_ids`` and ``attention_mask``.
     """
     import inspect
 
@@ -724,9 +1250,11 @@ def vlm_inputs(model: nn.Module, processor: Any, images: list[Any], prompts: lis
 
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts; vlm_inputs takes one image per row")
-    bad = [p for p in prompts if p.count(processor.image_token) != 1]
+    fam = family(model)
+    placeholder = image_placeholder(processor)
+    bad = [p for p in prompts if p.count(placeholder) != 1]
     if bad:
-        raise ValueError(f"each prompt needs exactly one {processor.image_token!r}; got {bad[0]!r}")
+        raise ValueError(f"each prompt needs exactly one {placeholder!r}; got {bad[0]!r}")
     image_ids: dict[int, int] = {}
     image_of_row = [image_ids.setdefault(id(image), len(image_ids)) for image in images]
     pair_ids: dict[tuple[int, str], int] = {}
@@ -734,46 +1262,93 @@ def vlm_inputs(model: nn.Module, processor: Any, images: list[Any], prompts: lis
     first_row_of_image = [image_of_row.index(i) for i in range(len(image_ids))]
     first_row_of_pair = [pair_of_row.index(u) for u in range(len(pair_ids))]
 
-    pixels, n_image_tokens = _preprocess_images_once(model, processor, [images[r] for r in first_row_of_image],
-                                                     [prompts[r] for r in first_row_of_image])
-    # The processor's text path: each <image> becomes n_image_tokens[i] copies of itself, then the
-    # tokenizer (with the processor's text kwargs: only return_tensors and padding here).
-    texts = [prompts[r].replace(processor.image_token, processor.image_token * n_image_tokens[image_of_row[r]])
-             for r in first_row_of_pair]
-    text = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    distinct = [images[r] for r in first_row_of_image]
+    parts = [_process_one(processor, prompts[r], image) for r, image in zip(first_row_of_image, distinct)]
+    image_texts = [_image_text(fam, processor, model, part, image.size) for part, image in zip(parts, distinct)]
+    texts = [prompts[r].replace(placeholder, image_texts[image_of_row[r]]) for r in first_row_of_pair]
+    tok = processor.tokenizer
+    text = tok(texts, return_tensors="pt", padding=True)
+    for i, r in enumerate(first_row_of_image):  # the expansion is the processor's own: same ids
+        row = text["input_ids"][pair_of_row[r]][text["attention_mask"][pair_of_row[r]].bool()]
+        if not torch.equal(row, parts[i]["input_ids"][0]):
+            raise ValueError(f"{type(processor).__name__} tokenizes image {i}'s prompt differently from the expanded "
+                             "text lineofsight.models builds for it; this processor version is not supported")
     device = next(model.parameters()).device
     pair_index, image_index = torch.tensor(pair_of_row), torch.tensor(image_of_row)
     inputs: dict[str, Any] = {"input_ids": text["input_ids"][pair_index].to(device),
                               "attention_mask": text["attention_mask"][pair_index].to(device)}
-    pixel_values = pixels["pixel_values"].to(device, model.dtype)
-    image_kw = {"image_sizes": pixels["image_sizes"].to(device)} if "image_sizes" in pixels else {}
+    is_image = inputs["input_ids"] == image_token_id(model)
+    if fam.model_type == "gemma3":  # bidirectional attention within each image's soft tokens
+        inputs["token_type_ids"] = is_image.long()
+    if fam.mrope:  # M-RoPE positions are computed from the image grids and the image positions
+        inputs["mm_token_type_ids"] = is_image.int()
+    pixels = collate_inputs(tok, [{k: v for k, v in part.items() if k not in TOKEN_KEYS} for part in parts])
+    pixels = {k: (v.to(device, model.dtype) if torch.is_floating_point(v) else v.to(device)) for k, v in pixels.items()}
+    per_row = {k: pixels[k][image_index.to(device)] for k in ("image_grid_thw",) if k in pixels}
     takes_features = "mm_encoder_outputs" in inspect.signature(model.forward).parameters
     if takes_features and hasattr(model, "get_image_features"):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         with torch.no_grad():
-            per_image = model.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kw).pooler_output
-        inputs["mm_encoder_outputs"] = {
-            "image": BaseModelOutputWithPooling(pooler_output=[per_image[i] for i in image_of_row])}
+            per_image = _features_per_image(model, pixels)
+        if fam.model_type == "gemma3":  # [image + crops, 256, D] per image, and the forward takes one tensor
+            per_image = list(torch.split(torch.stack(per_image), [int(part["pixel_values"].shape[0])
+                                                                  for part in parts]))
+        rows = [per_image[i] for i in image_of_row]
+        features = torch.cat(rows) if fam.model_type == "gemma3" else rows
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        inputs.update(per_row)
     else:
-        inputs["pixel_values"] = pixel_values[image_index.to(device)]
-        inputs.update({name: value[image_index.to(device)] for name, value in image_kw.items()})
+        inputs.update(_pixels_per_row(fam, pixels, image_of_row))
     return inputs
 
 
-def _preprocess_images_once(model: nn.Module, processor: Any, images: list[Any],
-                            prompts: list[str]) -> tuple[dict[str, Any], list[int]]:
-    """One processor call on distinct ``images`` (each with one of its prompts): the image
-    processor's outputs, and how many image tokens the processor expands each image's
-    ``<image>`` into (LLaVA-NeXT: depends on the image size).
+def _process_one(processor: Any, prompt: str, image: Any) -> dict[str, torch.Tensor]:
+    """The processor's output for one (prompt, image) row."""
+    return dict(processor_inputs(processor, [prompt], [image]).items())
 
-    The count is read off the processor's own ``input_ids`` rather than recomputed from its
-    private token-count helper (``_get_num_multimodal_tokens``, which reads ``size`` where
-    ``__call__`` reads the processed pixels), so it is exact for any processor that expands the
-    placeholder by repetition."""
-    out = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-    n_image_tokens = (out["input_ids"] == image_token_id(model)).sum(1).tolist()
-    return {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}, n_image_tokens
+
+def processor_inputs(processor: Any, prompts: Sequence[str], images: Sequence[Any], **kwargs: Any) -> Any:
+    """``processor(text=prompts, images=...)`` with one image per prompt, as CPU tensors (``padding=True`` when
+    several): the images go nested one per row, which every family's processor reads as meant (Gemma 3's reads
+    a flat list as all the images of one prompt)."""
+    if len(prompts) > 1:
+        kwargs.setdefault("padding", True)
+    return processor(text=list(prompts), images=[[image] for image in images], return_tensors="pt", **kwargs)
+
+
+def _image_text(fam: Family, processor: Any, model: nn.Module, part: dict[str, torch.Tensor],
+                image_size: tuple[int, int]) -> str:
+    """What the processor writes in place of the prompt's placeholder for the image of ``part`` (its output for one
+    row): the image token repeated once per feature (LLaVA, LLaVA-NeXT, OneVision, Qwen2.5-VL), Gemma 3's
+    ``full_image_sequence`` (``\\n\\n<start_of_image>`` + soft tokens + ``<end_of_image>\\n\\n``), Idefics3's tile
+    markers around each tile's image tokens."""
+    n_tokens = int((part["input_ids"] == image_token_id(model)).sum())
+    if fam.model_type == "gemma3":  # the image, then any pan-and-scan crops (each a pixel_values row)
+        return str(processor.replace_image_token({"num_crops": [int(part["pixel_values"].shape[0]) - 1]}, 0))
+    if fam.model_type == "idefics3":
+        rows, cols, *_ = _idefics3_tiles(processor, *image_size)
+        return str(processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0))
+    return str(processor.image_token) * n_tokens
+
+
+def _features_per_image(model: nn.Module, pixels: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The image features of each distinct image (what the forward scatters into its image positions), from one
+    ``get_image_features`` call on the collated pixels (every family gives one entry per image)."""
+    return list(model.get_image_features(**pixels, return_dict=True).pooler_output)
+
+
+def _pixels_per_row(fam: Family, pixels: dict[str, torch.Tensor], image_of_row: list[int]) -> dict[str, Any]:
+    """The pixel inputs of each row (for a forward that takes no precomputed features)."""
+    import torch
+
+    index = torch.tensor(image_of_row, device=pixels["pixel_values"].device)
+    if fam.mrope:  # flat patch rows: each row's image's patches, in row order
+        sizes = pixels["image_grid_thw"].prod(-1).tolist()
+        chunks = torch.split(pixels["pixel_values"], sizes)
+        return {"pixel_values": torch.cat([chunks[i] for i in image_of_row]),
+                "image_grid_thw": pixels["image_grid_thw"][index]}
+    return {name: value[index] for name, value in pixels.items()}
 
 
 def mlp_output_directions(model: nn.Module, block: int) -> torch.Tensor:

@@ -59,8 +59,9 @@ class Config:
     """Layers to read; layer L = input of decoder block L = hidden_states[L], valid 0..n_layers. Default: the paper's 5 8 12 16 20 24 for a 32-layer model, else every layer 0..n_layers."""
     pool: Literal["image", "all", "last"] = "image"
     """'image': mean over image-token positions; 'all': mean over every non-pad position (the seed's behaviour, includes BOS); 'last': the last position."""
-    prompt: str = "<image>"
-    """Prompt text given to the processor; must contain the image token. Default: the bare <image> prompt."""
+    prompt: str | None = None
+    """Prompt text given to the processor; must contain the model's image placeholder once. Default: the image alone
+    (LLaVA's bare <image>; lineofsight.models.image_prompt)."""
     resize: int | None = None
     """Resize every image to this square size first (the paper: 336); default keeps the original size."""
     batch_size: int = 16
@@ -178,7 +179,9 @@ class _Preprocess:
 
 def preprocess(processor: Any, images: list[Any], prompt: str) -> Any:
     """Processor inputs (CPU tensors) for ``images``, each with ``prompt``."""
-    return processor(text=[prompt] * len(images), images=images, return_tensors="pt", padding=True)
+    from lineofsight.models import processor_inputs
+
+    return processor_inputs(processor, [prompt] * len(images), images)
 
 
 def pool_batch(
@@ -237,7 +240,15 @@ def main(cfg: Config, run: Run) -> Path:
     )
     from lineofsight.cli import UserError
     from lineofsight.data import ClassIndex, SkipCounter, imagenet_items, select_classes
-    from lineofsight.models import check_layer, check_model, n_layers, residual_site, text_config
+    from lineofsight.models import (
+        check_layer,
+        check_model,
+        image_placeholder,
+        image_prompt,
+        n_layers,
+        residual_site,
+        text_config,
+    )
     from lineofsight.toy import ensure_toy_world
 
     start = time.perf_counter()
@@ -250,9 +261,11 @@ def main(cfg: Config, run: Run) -> Path:
         raise UserError(f"no images found in {cfg.imagenet_dir / cfg.split} for the selected classes")
     model_source = check_model(cfg.model)
     model, processor = run.load_model(cfg.model, cfg.dtype)
-    image_token = getattr(processor, "image_token", "<image>")
-    if image_token not in cfg.prompt:
-        raise UserError(f"--prompt must contain the image token {image_token!r}")
+    placeholder = image_placeholder(processor)
+    if cfg.prompt is None:
+        cfg = dataclasses.replace(cfg, prompt=image_prompt(model, processor))
+    elif cfg.prompt.count(placeholder) != 1:
+        raise UserError(f"--prompt must contain the image placeholder {placeholder!r} once")
     processor.tokenizer.padding_side = "left"
     n = n_layers(model)
     layers = list(cfg.layers) or (list(PAPER_LAYERS) if n == 32 else list(range(n + 1)))

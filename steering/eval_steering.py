@@ -173,24 +173,29 @@ def answer_scores(model: Any, processor: Any, layer: int, cases: list[dict[str, 
 
 def _append_ids(inputs: dict[str, Any], extras: list[tuple[int, ...]], pad_id: int) -> tuple[dict[str, Any], Any]:
     """``inputs`` with ``extras[b]`` appended to row ``b``, rows left padded again to a common length (the image
-    features stay as they are: they fill the image tokens in order); and the mask of the prompt tokens alone."""
+    features stay as they are: they fill the image tokens in order); and the mask of the prompt tokens alone. Every
+    per-token input (:data:`lineofsight.models.TOKEN_KEYS`: Gemma 3's ``token_type_ids``, Qwen2.5-VL's
+    ``mm_token_type_ids``) is shifted with the ids; the appended tokens are text (type 0)."""
     import torch
+
+    from lineofsight.models import TOKEN_KEYS
 
     ids, attention = inputs["input_ids"], inputs["attention_mask"]
     B, T = ids.shape
     M = max(len(extra) for extra in extras)
-    new_ids = ids.new_full((B, T + M), pad_id)
-    new_attention = attention.new_zeros((B, T + M))
+    rows = {key: inputs[key] for key in TOKEN_KEYS if key in inputs}
+    new = {key: x.new_full((B, T + M), pad_id) if key == "input_ids" else x.new_zeros((B, T + M))
+           for key, x in rows.items()}
     prompt_mask = attention.new_zeros((B, T + M))
     for b, extra in enumerate(extras):
         shift = M - len(extra)
-        new_ids[b, shift : shift + T] = ids[b]
-        new_attention[b, shift : shift + T] = attention[b]
+        for key, x in rows.items():
+            new[key][b, shift : shift + T] = x[b]
         prompt_mask[b, shift : shift + T] = attention[b]
         if extra:
-            new_ids[b, T + shift :] = torch.tensor(extra, dtype=ids.dtype)
-            new_attention[b, T + shift :] = 1
-    return {**inputs, "input_ids": new_ids, "attention_mask": new_attention}, prompt_mask
+            new["input_ids"][b, T + shift :] = torch.tensor(extra, dtype=ids.dtype)
+            new["attention_mask"][b, T + shift :] = 1
+    return {**inputs, **new}, prompt_mask
 
 
 def efficacy(model: Any, processor: Any, layer: int, cases: list[dict[str, Any]], strengths: list[float],
@@ -304,7 +309,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
         read_sharegpt4v,
         recorded_resize,
     )
-    from lineofsight.models import answer_token_ids, check_layer, check_model, format_prompt
+    from lineofsight.models import answer_token_ids, assistant_prefix, check_layer, check_model, format_prompt
     from lineofsight.prompts import CAPTION_QUESTION, FORCED_CHOICE_TEMPLATE
     from lineofsight.steering import load_vectors, paper_strengths, vector_pairs
     from lineofsight.toy import ensure_toy_world
@@ -337,7 +342,7 @@ def main(cfg: Config, run: Run) -> dict[str, Any]:
         image = load_image(image_root / rec.image, skips, cfg.resize)
         if image is None:
             continue
-        text = caption_prompt + " " + rec.caption
+        text = caption_prompt + assistant_prefix(processor) + rec.caption
         n_caption = len(tok(text, add_special_tokens=True)["input_ids"]) - n_prompt
         captions.append({"image": image, "text": text, "n_caption_tokens": n_caption})
     if not captions:

@@ -115,20 +115,21 @@ def greedy_decode(model: Any, inputs: dict[str, Any], max_new_tokens: int, eos_i
     """Greedy decoding with the KV cache for a left-padded batch: ``[B, n]`` new tokens (``pad_id``
     after a row's EOS; n stops early once every row has ended).
 
-    The same computation as ``model.generate(do_sample=False)`` (position ids counted over the
-    unpadded tokens, one cached step per token) without its per-step machinery, which dominates
-    the time of small models; a test checks the tokens are identical to ``generate``'s.
+    The same computation as ``model.generate(do_sample=False)`` (position ids counted over the unpadded
+    tokens, or M-RoPE's from the image grids: ``prompt_positions``; one cached step per token) without its
+    per-step machinery, which dominates the time of small models; a test checks the tokens are identical to
+    ``generate``'s.
     """
     import torch
 
-    from lineofsight.models import position_ids
+    from lineofsight.models import prompt_positions
 
     attention = inputs["attention_mask"]
-    positions = position_ids(attention)
+    positions = prompt_positions(model, inputs)  # [B, T], or M-RoPE's [3, B, T]
     out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     done = torch.zeros(attention.shape[0], dtype=torch.bool, device=attention.device)
-    last = positions[:, -1:]
+    last = positions[..., -1:]
     tokens = []
     for _ in range(max_new_tokens):
         nxt = out.logits[:, -1].argmax(-1)

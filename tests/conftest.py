@@ -38,10 +38,18 @@ def _text_config(backbone: str, n_layers: int = 3):
     return cls(**common)
 
 
+FAMILY_KINDS = ("llava_onevision", "qwen2_5_vl", "gemma3", "idefics3")
+"""The families beyond LLaVA, each built by ``tests/family_<kind>.py`` with its checkpoint's real chat template."""
+
+
 def build_tiny(kind: str, n_layers: int = 3, seed: int = 0):
-    """(model, processor) for ``kind`` in next-mistral, next-llama, next-qwen2, llava15."""
+    """(model, processor) for ``kind`` in next-mistral, next-llama, next-qwen2, llava15 and :data:`FAMILY_KINDS`."""
+    import importlib
+
     import transformers
 
+    if kind in FAMILY_KINDS:
+        return importlib.import_module(f"family_{kind}").build(n_layers=n_layers, seed=seed)
     torch.manual_seed(seed)
     backbone = kind.split("-")[-1] if kind.startswith("next") else "llama"
     common = dict(
@@ -126,6 +134,23 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory):
+    """``get(kind)``: a tiny random model of ``kind`` saved with save_pretrained (built once per session)."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            path = tmp_path_factory.mktemp(f"tiny_{kind}")
+            model, processor = build_tiny(kind, n_layers=3, seed=1)
+            model.save_pretrained(path)
+            processor.save_pretrained(path)
+            cache[kind] = path
+        return cache[kind]
+
+    return get
 
 
 @pytest.fixture(scope="session")

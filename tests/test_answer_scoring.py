@@ -178,3 +178,33 @@ def test_sequence_equals_first_token_on_the_toys_one_token_names(toy, small_worl
             assert sequence[k][name] == pytest.approx(first[k][name], rel=1e-5, abs=1e-7)
         assert sequence[k]["flip_rate"] == first[k]["flip_rate"]
     assert first[8.0]["p_tgt"] != pytest.approx(first[0.0]["p_tgt"], rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "qwen2_5_vl"])
+def test_sequence_scores_keep_the_families_token_types(tiny_models, kind):
+    """Gemma 3's ``token_type_ids`` and Qwen2.5-VL's ``mm_token_type_ids`` are shifted with the appended answer ids
+    (ragged answers, left padding): the scores equal a plain forward of the processor's own inputs for prompt +
+    answer text."""
+    from lineofsight.models import assistant_prefix, processor_inputs
+
+    model, processor = tiny_models(kind)
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    v = torch.zeros(model.config.get_text_config().hidden_size)
+    cases = []
+    for (src, tgt), image in zip([("circle", "square star"), ("red ring", "blue")], images([(64, 64), (48, 80)])):
+        prompt = format_prompt(processor, FORCED_CHOICE_TEMPLATE.format(a=src, b=tgt))
+        cases.append({"image": image, "prompt": prompt, "v": v, "tgt_ids": answer_token_ids(processor, prompt, tgt),
+                      "src_ids": answer_token_ids(processor, prompt, src), "answers": (tgt, src)})
+    assert len({len(c[key]) for c in cases for key in ("tgt_ids", "src_ids")}) > 1
+    got = eval_script.answer_scores(model, processor, 1, cases, [0.0], "image", 4, "sequence")[0.0]
+    for g, case in zip(got, cases):
+        for key, answer in zip(("tgt_ids", "src_ids"), case["answers"]):
+            inputs = processor_inputs(processor, [case["prompt"] + assistant_prefix(processor) + answer],
+                                      [case["image"]])
+            ids = case[key]
+            assert inputs["input_ids"][0, -len(ids):].tolist() == ids
+            with torch.no_grad():
+                logp = model(**inputs).logits[0, -len(ids) - 1 : -1].double().log_softmax(-1)
+            want = float(logp.gather(-1, torch.tensor(ids)[:, None]).sum())
+            assert g[key] == pytest.approx(want, abs=5e-5)

@@ -69,9 +69,12 @@ def _latent(k: int, cols: dict) -> dict:
         record, seed = (lid + j) % N_RECORDS, lid + j
         images.append({"record": record, "thumb": f"thumbs/{record}.jpg", "value": round(stats["max"] * (1 - 0.2 * j), 3),
                        "caption": f"record {record} caption",
+                       # two "crops" grids: a family whose tiles are grids of their own (Idefics3, OneVision)
                        "grids": [{"name": "base", "box": [0, 0, 1, 1], "shape": [2, 2], "heat": _b64(_heat(2, 2, seed))},
-                                 {"name": "crops", "box": [0.0, 0.25, 1.0, 0.75], "shape": [4, 4],
-                                  "heat": _b64(_heat(4, 4, seed))}]})
+                                 {"name": "crops", "box": [0.0, 0.25, 0.5, 0.75], "shape": [4, 2],
+                                  "heat": _b64(_heat(4, 2, seed))},
+                                 {"name": "crops", "box": [0.5, 0.25, 1.0, 0.75], "shape": [4, 2],
+                                  "heat": _b64(_heat(4, 2, seed + 7))}]})
     tokens = ["▁a", "▁red", "▁circle", "▁on", "▁blue"]
     texts = [{"record": 1, "type": "text_in_context", "value": stats["max"], "peak": 1, "tokens": tokens,
               "acts": _b64([0, 255, 128, 0, 7])},
@@ -221,9 +224,9 @@ def test_latent_page_images_and_texts(driver, site):
         assert all(c.get_attribute("data-grid") == grid for c in canvases)
         return [int(c.get_attribute("data-heat-cells")) for c in canvases]
 
-    def nonzero(grid: str) -> list[int]:
-        return [sum(v > 0 for v in base64.b64decode(g["heat"])) for im in latent["images"] for g in im["grids"]
-                if g["name"] == grid]
+    def nonzero(grid: str) -> list[int]:  # per image, over every grid of that name
+        return [sum(sum(v > 0 for v in base64.b64decode(g["heat"])) for g in im["grids"] if g["name"] == grid)
+                for im in latent["images"]]
 
     assert heat_cells("crops") == nonzero("crops")  # the crops grid is the default
     assert all(n > 0 for n in nonzero("crops"))

@@ -307,8 +307,9 @@ def _auto_map(cfg: dict) -> dict:
 # (how the folder differs from the tiny LLaVA-NeXT, what check_model must say)
 MODEL_CASES = {
     "bert": (lambda c: {"config": {"model_type": "bert", "hidden_size": 8}, "weights": _tiny_weights()},
-             r"--model .* is a 'bert' model \(config.json model_type\); supported are LLaVA-style vision-language "
-             r"models of type llava_next or llava"),
+             r"--model .* is a 'bert' model \(config.json model_type\); supported families: LLaVA-NeXT \(llava_next\), "
+             r"LLaVA-1.5 \(llava\), LLaVA-OneVision \(llava_onevision\), Qwen2.5-VL \(qwen2_5_vl\), Gemma 3 \(gemma3\), "
+             r"Idefics3 \(idefics3\)$"),
     "gpt2": (lambda c: {"config": {"model_type": "gpt2", "n_layer": 2}, "weights": _tiny_weights()},
              r"is a 'gpt2' model"),
     "no model_type": (lambda c: {"config": {"hidden_size": 8}, "weights": _tiny_weights()}, r"is a None model"),

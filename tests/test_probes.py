@@ -31,7 +31,7 @@ def test_pooled_equals_hand_computation(tiny_models, pool):
     model, processor = tiny_models("next-mistral")
     processor.tokenizer.padding_side = "left"
     ims = images([(64, 64), (48, 80), (100, 40)])
-    cfg = extract.Config(model="unused", pool=pool)
+    cfg = extract.Config(model="unused", pool=pool, prompt="<image>")
     sites = [f"model.language_model.layers.{i}" for i in range(3)]
     got_BLD = extract.extract_batch(model, processor, ims, cfg, sites)
     inputs = processor(text=[cfg.prompt] * 3, images=ims, return_tensors="pt", padding=True)
@@ -54,7 +54,7 @@ def test_batched_equals_batch_one(tiny_models):
     model, processor = tiny_models("next-mistral")
     processor.tokenizer.padding_side = "left"
     ims = images([(64, 64), (48, 80), (100, 40), (37, 61)], seed=3)
-    cfg = extract.Config(model="unused")
+    cfg = extract.Config(model="unused", prompt="<image>")
     sites = [f"model.language_model.layers.{i}" for i in (0, 2)]
     batched = extract.extract_batch(model, processor, ims, cfg, sites)
     single = torch.cat([extract.extract_batch(model, processor, [im], cfg, sites) for im in ims])
@@ -153,7 +153,7 @@ def test_every_image_bad_is_exit_2(tiny_model_dir, small_world, tmp_path):
         (dict(classes="CLASSES_FILE"), r"class 'squaer' is not in the class index.*did you mean square"),
         (dict(imagenet_dir=Path("/nonexistent")), "does not exist"),
         (dict(imagenet_dir="EMPTY"), "no imagenet_class_index.json"),
-        (dict(prompt="no image here"), "must contain the image token"),
+        (dict(prompt="no image here"), "must contain the image placeholder"),
     ],
 )
 def test_bad_input(tiny_model_dir, small_world, tmp_path, kw, message):
