@@ -609,7 +609,7 @@ def sae_rows(cfg: Config, model: Any, processor: Any) -> list[Row]:
             with torch.no_grad():
                 prompt_only = _model_inputs(processor, model, text=[harvester.prompt], images=[image])
                 n_template = model(**prompt_only).logits.shape[1]
-                full = _model_inputs(processor, model, text=[harvester.prompt + " " + caption], images=[image])
+                full = _model_inputs(processor, model, text=[harvester.text(caption)], images=[image])
                 with Trace(model, site, retain_input=True, retain_output=False) as tr:
                     model(**full)
                 keep = image_token_mask(full["input_ids"], model)[0]
@@ -1080,7 +1080,7 @@ def load_script(rel):
 
 side, n_records, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
-from lineofsight.models import format_prompt, vlm_inputs
+from lineofsight.models import assistant_prefix, format_prompt, vlm_inputs
 from lineofsight.prompts import CAPTION_QUESTION
 from lineofsight.stand_in import real_width_llava_next
 from lineofsight.toy import CLASSES, heldout_samples
@@ -1096,8 +1096,9 @@ if side.startswith("steer"):
     tok = processor.tokenizer
     prompt = format_prompt(processor, CAPTION_QUESTION)
     n_prompt = len(tok(prompt)["input_ids"])
-    rows = [{"image": im, "text": prompt + " " + c, "n_caption_tokens": len(tok(prompt + " " + c)["input_ids"]) - n_prompt}
-            for im, c in zip(images, captions)]
+    texts = [prompt + assistant_prefix(processor) + c for c in captions]
+    rows = [{"image": im, "text": t, "n_caption_tokens": len(tok(t)["input_ids"]) - n_prompt}
+            for im, t in zip(images, texts)]
     # The inputs (image features included) are built before the measured work on both sides: what differs
     # is only what happens after the decoder (the vision tower's peak is the same on both and would hide it).
     inputs = vlm_inputs(model, processor, images, [r["text"] for r in rows])

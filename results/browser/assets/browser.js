@@ -335,7 +335,7 @@
     }).join("") || "<li class=\"note\">none</li>";
   }
 
-  /* Top images: thumbnail + the selected grid's heat, one canvas each. */
+  /* Top images: thumbnail + the selected grids' heat, one canvas each. */
   function renderImages(images) {
     var box = $("images");
     if (!images.length) { box.innerHTML = '<p class="note">no image token activates this latent</p>'; return; }
@@ -383,10 +383,10 @@
       c.height = img ? img.naturalHeight : 224;
       if (img) ctx.drawImage(img, 0, 0);
       else { ctx.fillStyle = "#dee2e6"; ctx.fillRect(0, 0, c.width, c.height); }
-      var grid = null;
-      (item.im.grids || []).forEach(function (g) { if (g.name === current) grid = g; });
+      // Every grid of the selected name: one per tile where a family's tiles are cut apart (Idefics3, OneVision).
+      var grids = (item.im.grids || []).filter(function (g) { return g.name === current; });
       var cells = 0;
-      if (grid) {
+      grids.forEach(function (grid) {
         var heat = decode(grid.heat), rows = grid.shape[0], ncol = grid.shape[1], box = grid.box;
         var x0 = box[0] * c.width, y0 = box[1] * c.height;
         var cw = (box[2] - box[0]) * c.width / ncol, ch = (box[3] - box[1]) * c.height / rows;
@@ -401,8 +401,8 @@
         }
         ctx.strokeStyle = "rgba(255, 255, 255, 0.6)";
         ctx.strokeRect(x0 + 0.5, y0 + 0.5, (box[2] - box[0]) * c.width - 1, (box[3] - box[1]) * c.height - 1);
-      }
-      c.setAttribute("data-grid", grid ? grid.name : "");
+      });
+      c.setAttribute("data-grid", grids.length ? current : "");
       c.setAttribute("data-heat-cells", String(cells));
     }
   }
