@@ -41,6 +41,7 @@ norm (transformers' ``hidden_states[n_layers]`` is that residual *after* the fin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -109,9 +110,6 @@ class Family:
     """How people call it (``"Qwen2.5-VL"``)."""
     class_name: str
     """The transformers class that loads it (``transformers.<class_name>``)."""
-    placeholder: str = "image_token"
-    """The processor attribute holding the text a prompt writes for one image (what the chat template renders and
-    the processor expands): the image token itself, or Gemma 3's ``boi_token`` (``<start_of_image>``)."""
     mrope: bool = False
     """Position ids are 3-D (M-RoPE) and computed by the model from the image grids (``get_rope_index``): never
     pass 1-D ``position_ids``."""
@@ -128,7 +126,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llava_onevision", "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration"),
     Family("qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", mrope=True,
            image_markers=("<|vision_start|>", "<|vision_end|>")),
-    Family("gemma3", "Gemma 3", "Gemma3ForConditionalGeneration", placeholder="boi_token", norm_offset=1.0),
+    Family("gemma3", "Gemma 3", "Gemma3ForConditionalGeneration", norm_offset=1.0),
     Family("idefics3", "Idefics3", "Idefics3ForConditionalGeneration"),
 )}
 """The supported families by ``model_type``."""
@@ -340,6 +338,7 @@ _VIDEO_PROCESSORS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "llava_onevision": "Ll
 """Families whose processor also holds a video processor, which transformers builds only with torchvision."""
 
 
+@functools.cache
 def image_only_processor_class(model_type: str) -> type:
     """The processor class of a family in :data:`_VIDEO_PROCESSORS`, without its video processor: what
     :func:`load_vlm` uses where torchvision is not installed (transformers' video processors need it; images and
@@ -724,7 +723,7 @@ def _gemma3_layout(model_or_config: Any, processor: Any, width: int, height: int
 
 
 def _gemma3_pan_and_scan_boxes(width: int, height: int, min_crop: int, max_crops: int,
-                        min_ratio: float) -> list[tuple[float, float, float, float]]:
+                               min_ratio: float) -> list[tuple[float, float, float, float]]:
     """The crops Gemma 3's image processor cuts from a ``width x height`` image when pan and scan is on
     (``Gemma3ImageProcessorPil.pan_and_scan``: 2..max_crops equal crops along the long side of an image at least
     ``min_ratio`` times longer than wide, none when a crop would be under ``min_crop`` pixels), as boxes in
@@ -752,12 +751,11 @@ _IDEFICS3_MAX_SIZE = 4096  # transformers' Idefics3 image processors: the absolu
 def _idefics3_tiles(processor: Any, width: int, height: int) -> tuple[int, int, int, int, int, int]:
     """``(rows, cols, h1, w1, h2, w2)`` of Idefics3's tiling of a ``width x height`` image: ``rows x cols`` tiles of
     the ``h2 x w2`` resize of the ``h1 x w1`` first resize (``rows = cols = 0``: not split, one tile of the whole
-    image). The image processor resizes
-    the whole image (no crop, no padding): (1) ``do_resize``: the longest edge to ``size["longest_edge"]`` (up or
-    down), the other ``int`` of the kept aspect ratio made even, capped at 4096; (2) ``do_image_splitting``: each
-    edge up to a multiple of the tile ``max_image_size["longest_edge"]`` (the short edge from the long one's
-    aspect, so the aspect changes by up to a tile); (3) tiles row-major when an edge exceeds one tile, then the
-    whole image squashed to one tile (the global image). The processor's own count helpers
+    image). The image processor resizes the whole image (no crop, no padding): (1) ``do_resize``: the longest
+    edge to ``size["longest_edge"]`` (up or down), the other ``int`` of the kept aspect ratio made even, capped at
+    4096; (2) ``do_image_splitting``: each edge up to a multiple of the tile ``max_image_size["longest_edge"]`` (the
+    short edge from the long one's aspect, so the aspect changes by up to a tile); (3) tiles row-major when an edge
+    exceeds one tile, then the whole image squashed to one tile (the global image). The processor's own count helpers
     (``get_number_of_image_patches``) get (2) wrong when ``longest_edge`` is not a multiple of the tile."""
     ip = processor.image_processor
     tile = _size_field(ip.max_image_size, "longest_edge")
@@ -802,8 +800,7 @@ def _idefics3_layout(model_or_config: Any, processor: Any, width: int, height: i
     image tokens each, a ``"\\n"`` after each row of tiles), then the global image (``<global-img>``). Inside a tile
     SigLIP cuts ``side x side`` patches and the connector's pixel shuffle stacks each ``s x s`` block into one token
     (``s = scale_factor``), row-major. Grids: one ``"crops"`` grid per tile (its part of the image), in tile order,
-    then ``"base"`` (the global image). The markers and the
-    ``"\\n"`` are text, not image positions. ValueError: a tile (``max_image_size``) other than the tower's
+    then ``"base"`` (the global image). The markers and the ``"\\n"`` are text, not image positions. ValueError: a tile (``max_image_size``) other than the tower's
     ``image_size``; a patch grid the pixel shuffle cannot tile; a processor ``image_seq_len`` other than the tokens
     the connector makes per tile."""
     import torch
@@ -844,7 +841,7 @@ def _max_patches(aspect: Any) -> int:
 
 def _onevision_layout(model_or_config: Any, processor: Any, width: int, height: int) -> ImageTokenLayout:
     """LLaVA-OneVision: the image tokens of one image alone in its prompt (``batch_num_images == 1``), in token order
-    (``LlavaOnevisionModel.pack_image_features``, modeling_llava_onevision.py l.245-308):
+    (transformers' ``LlavaOnevisionModel.pack_image_features``):
 
     1. the base tile: the whole image squashed to the tower's ``T x T`` tile, ``side x side`` tokens row-major
        (``side = T // patch``; SigLIP's strided conv reads ``side * patch`` pixels of the tile: 378 of 384 in the
@@ -1058,14 +1055,10 @@ def _check_processor_count(processor: Any, patch: int) -> None:
 
 
 def image_placeholder(processor: Any) -> str:
-    """The text a prompt holds for one image, which the processor expands into the image's tokens: the image token
-    (``<image>``, Qwen2.5-VL's ``<|image_pad|>``) or, for Gemma 3, ``<start_of_image>`` (its processor's
-    ``boi_token``; the image token ``<image_soft_token>`` is what it expands into)."""
-    for attr in ("boi_token", "image_token") if getattr(processor, "boi_token", None) else ("image_token",):
-        value = getattr(processor, attr, None)
-        if value:
-            return str(value)
-    return "<image>"
+    """The text a prompt holds for one image, which the processor expands into the image's tokens: the processor's
+    ``image_token`` (``<image>``, Qwen2.5-VL's ``<|image_pad|>``; Gemma 3's is ``<start_of_image>``, which it expands
+    into ``<image_soft_token>`` x 256 between markers)."""
+    return str(getattr(processor, "image_token", None) or "<image>")
 
 
 def image_prompt(model: nn.Module, processor: Any) -> str:
