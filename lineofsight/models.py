@@ -1256,7 +1256,8 @@ def vlm_inputs(model: nn.Module, processor: Any, images: list[Any], prompts: lis
     first_row_of_pair = [pair_of_row.index(u) for u in range(len(pair_ids))]
 
     distinct = [images[r] for r in first_row_of_image]
-    parts = [_process_one(processor, prompts[r], image) for r, image in zip(first_row_of_image, distinct)]
+    parts = [dict(processor_inputs(processor, [prompts[r]], [image]).items())
+             for r, image in zip(first_row_of_image, distinct)]
     image_texts = [_image_text(fam, processor, model, part, image.size) for part, image in zip(parts, distinct)]
     texts = [prompts[r].replace(placeholder, image_texts[image_of_row[r]]) for r in first_row_of_pair]
     tok = processor.tokenizer
@@ -1282,11 +1283,10 @@ def vlm_inputs(model: nn.Module, processor: Any, images: list[Any], prompts: lis
     if takes_features and hasattr(model, "get_image_features"):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        with torch.no_grad():
-            per_image = _features_per_image(model, pixels)
-        if fam.model_type == "gemma3":  # [image + crops, 256, D] per image, and the forward takes one tensor
-            per_image = list(torch.split(torch.stack(per_image), [int(part["pixel_values"].shape[0])
-                                                                  for part in parts]))
+        with torch.no_grad():  # one entry per image (Gemma 3: per pixel_values row, the image and its crops)
+            per_image = model.get_image_features(**pixels, return_dict=True).pooler_output
+        if fam.model_type == "gemma3":
+            per_image = torch.split(per_image, [int(part["pixel_values"].shape[0]) for part in parts])
         rows = [per_image[i] for i in image_of_row]
         features = torch.cat(rows) if fam.model_type == "gemma3" else rows
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
@@ -1294,11 +1294,6 @@ def vlm_inputs(model: nn.Module, processor: Any, images: list[Any], prompts: lis
     else:
         inputs.update(_pixels_per_row(fam, pixels, image_of_row))
     return inputs
-
-
-def _process_one(processor: Any, prompt: str, image: Any) -> dict[str, torch.Tensor]:
-    """The processor's output for one (prompt, image) row."""
-    return dict(processor_inputs(processor, [prompt], [image]).items())
 
 
 def processor_inputs(processor: Any, prompts: Sequence[str], images: Sequence[Any], **kwargs: Any) -> Any:
@@ -1323,12 +1318,6 @@ def _image_text(fam: Family, processor: Any, model: nn.Module, part: dict[str, t
         rows, cols, *_ = _idefics3_tiles(processor, *image_size)
         return str(processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0))
     return str(processor.image_token) * n_tokens
-
-
-def _features_per_image(model: nn.Module, pixels: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The image features of each distinct image (what the forward scatters into its image positions), from one
-    ``get_image_features`` call on the collated pixels (every family gives one entry per image)."""
-    return list(model.get_image_features(**pixels, return_dict=True).pooler_output)
 
 
 def _pixels_per_row(fam: Family, pixels: dict[str, torch.Tensor], image_of_row: list[int]) -> dict[str, Any]:

@@ -108,6 +108,21 @@ def test_vlm_inputs_equal_the_processor(tiny_models, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_vlm_inputs_pixel_path_equals_the_processor(tiny_models, kind, monkeypatch):
+    """For a forward that takes no precomputed features, vlm_inputs gives each row its image's pixels (Qwen2.5-VL:
+    its flat patch rows and grid): the processor's logits again."""
+    model, processor = tiny_models(kind)
+    pics, prompts = _rows(processor)
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kwargs: forward(**kwargs))  # no mm_encoder_outputs parameter
+    ours = vlm_inputs(model, processor, pics, prompts)
+    assert "mm_encoder_outputs" not in ours and "pixel_values" in ours
+    ref = _processor_batch(processor, prompts, pics, padding_side=processor.tokenizer.padding_side)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ours).logits, model(**ref).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_steering_at_image_positions_prefill_only_and_batch_independent(tiny_models, kind):
     """At the layer, exactly the image positions get the vector; decoding steps are never edited; and a left-padded
     batch of two rows decodes each row as it decodes alone."""

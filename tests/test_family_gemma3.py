@@ -171,45 +171,6 @@ def test_final_norm_gain_is_one_plus_weight(tiny):
     assert torch.allclose(norm(x), expected, atol=1e-6)
 
 
-def _greedy(model, out, n_new):
-    """The hand-written KV-cached greedy loop that equals generate: prefill with token_type_ids (bidirectional
-    attention over each image's soft tokens) and position ids counted over real tokens; then one token a step with
-    the grown attention mask and the next position, no token_type_ids."""
-    mask = out["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = []
-    with torch.no_grad():
-        step = model(input_ids=out["input_ids"], attention_mask=mask, pixel_values=out["pixel_values"],
-                     token_type_ids=out["token_type_ids"], position_ids=pos, use_cache=True, logits_to_keep=1)
-        for _ in range(n_new):
-            logits.append(step.logits[:, -1])
-            token = step.logits[:, -1].argmax(-1, keepdim=True)
-            mask = torch.cat([mask, torch.ones_like(token)], 1)
-            pos = pos[:, -1:] + 1
-            step = model(input_ids=token, attention_mask=mask, position_ids=pos, cache=step.cache, use_cache=True)
-    return torch.stack(logits, 1)
-
-
-def test_cached_greedy_matches_generate(tiny):
-    model, processor = tiny
-    prompts = [_prompt(processor), _prompt(processor, "Describe this image in detail. Is there a red circle?")]
-    out = processor(text=prompts, images=[[im] for im in images([(64, 64), (96, 40)])], return_tensors="pt",
-                    padding=True)
-    assert out["attention_mask"][0, 0] == 0  # the shorter row is left-padded
-    n_new = 8
-    with torch.no_grad():
-        ref = model.generate(**out, max_new_tokens=n_new, do_sample=False, eos_token_id=None, output_logits=True,
-                             return_dict_in_generate=True)
-    ref_logits = torch.stack(ref.logits, 1)
-    logits = _greedy(model, out, n_new)
-    assert torch.equal(logits.argmax(-1), ref.sequences[:, out["input_ids"].shape[1]:])
-    assert torch.equal(logits, ref_logits)  # bit-exact (logits_to_keep=1 in the prefill, as generate does)
-    no_types = {k: v for k, v in out.items() if k != "token_type_ids"}
-    with torch.no_grad():  # without token_type_ids the image tokens attend causally: other logits
-        causal = model(**no_types).logits[:, -1]
-    assert (causal - ref_logits[:, 0]).abs().max() > 1e-3
-
-
 def test_save_load_round_trip(tiny, tmp_path):
     import transformers
 

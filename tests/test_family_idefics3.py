@@ -1,6 +1,6 @@
-"""Idefics3 (tests/family_idefics3.py, lineofsight.models.image_token_layout) against transformers' own code: the processor's
-image-token counts, the tile / pixel-shuffle token order, which positions hold image features, save/load, and a
-hand-written KV-cached greedy loop against ``generate``."""
+"""Idefics3 (tests/family_idefics3.py, lineofsight.models.image_token_layout) against transformers' own code: the
+processor's image-token counts, the tile / pixel-shuffle token order, which positions hold image features (with
+mixed tile counts in a batch), save/load. Cached decoding = generate: tests/test_families.py."""
 
 from __future__ import annotations
 
@@ -202,35 +202,6 @@ def test_save_load_round_trip(tiny, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
         assert torch.equal(model(**a).logits, model2(**b).logits)
-
-
-def test_greedy_loop_matches_generate(tiny):
-    """A KV-cached greedy loop (prefill with left padding, position ids counted over real tokens, then one token a
-    step) gives generate(do_sample=False)'s logits bit for bit when both compute only the last position's logits."""
-    from lineofsight.models import format_prompt
-
-    model, proc = tiny
-    prompts = [format_prompt(proc, "What is shown in this image?"), format_prompt(proc, "Is the shape red?")]
-    inputs = proc(text=prompts, images=images([(64, 48), (32, 96)]), return_tensors="pt", padding=True)
-    assert inputs["attention_mask"][:, 0].tolist() == [1, 0]  # left padding
-    n = 6
-    with torch.no_grad():
-        generated = model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                   output_logits=True, return_dict_in_generate=True)
-        mask = inputs["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-        logits, tokens = [], []
-        for _ in range(n):
-            logits.append(out.logits[:, -1])  # output_logits: the raw logits, before min_new_tokens masks EOS
-            is_eos = torch.arange(logits[-1].shape[-1]) == proc.tokenizer.eos_token_id
-            tokens.append(logits[-1].masked_fill(is_eos, float("-inf")).argmax(-1))
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            positions = positions[:, -1:] + 1
-            out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
-                        use_cache=True, logits_to_keep=1)
-    assert torch.equal(torch.stack(tokens, 1), generated.sequences[:, inputs["input_ids"].shape[1]:])
-    assert torch.equal(torch.stack(logits, 1), torch.stack(generated.logits, 1))
 
 
 def test_unsupported_settings_raise(tiny):

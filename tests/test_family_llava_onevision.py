@@ -243,35 +243,6 @@ def _batch(processor, sizes, questions, seed=0):
     return processor(text=prompts, images=images(sizes, seed=seed), return_tensors="pt", padding=True)
 
 
-def test_image_features_fill_exactly_the_image_token_positions(tiny):
-    """Scale the precomputed image features: the first decoder block's input changes exactly where
-    input_ids == image_token_id (not at <|im_start|>, the newline text tokens around <image>, nor the pads)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    from lineofsight.hooks import Trace
-    from lineofsight.models import layer_names
-
-    model, processor = tiny
-    inputs = _batch(processor, [(48, 32), (100, 37)], [QUESTION, "Is there a red circle in this image?"])
-    with torch.no_grad():
-        feats = model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                                         return_dict=True).pooler_output
-    assert isinstance(feats, (list, tuple)) and [f.shape[0] for f in feats] == (
-        inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
-    text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-    block0 = []
-    for scale in (1.0, 3.0):
-        with torch.no_grad(), Trace(model, layer_names(model)[0], retain_input=True) as trace:
-            model(**text, mm_encoder_outputs={"image": BaseModelOutputWithPooling(
-                pooler_output=[f * scale for f in feats])})
-        block0.append(trace.input)
-    with torch.no_grad(), Trace(model, layer_names(model)[0], retain_input=True) as trace:
-        model(**inputs)  # pixels: the same residual as the precomputed features
-    assert torch.allclose(trace.input, block0[0], atol=1e-5)
-    moved = (block0[1] - block0[0]).abs().amax(-1) > 0
-    assert torch.equal(moved, inputs["input_ids"] == model.config.image_token_id)
-
-
 def test_save_and_load_round_trip(tiny, tmp_path):
     from lineofsight.models import load_vlm
 
@@ -286,35 +257,6 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     with torch.no_grad():
         assert torch.equal(model(**ours).logits, loaded(**theirs).logits)
-
-
-def greedy(model, inputs, max_new_tokens):
-    """KV-cached greedy decoding of a left-padded batch: a prefill with position ids counted over each row's real
-    tokens, then one token a step at the next position (the loop of steering/steering_rollouts.py)."""
-    from lineofsight.models import position_ids
-
-    attention = inputs["attention_mask"]
-    positions = position_ids(attention)
-    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-    last, tokens = positions[:, -1:], []
-    for _ in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1)
-        tokens.append(nxt)
-        attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], 1)
-        last = last + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attention, position_ids=last, cache=out.cache,
-                    use_cache=True, logits_to_keep=1)
-    return torch.stack(tokens, 1)
-
-
-def test_cached_greedy_loop_equals_generate(tiny):
-    model, processor = tiny
-    inputs = _batch(processor, [(100, 37), (20, 20)], ["Describe this image in detail.", "A?"], seed=3)
-    assert inputs["attention_mask"][1, 0] == 0  # the second row is left-padded
-    with torch.no_grad():
-        ours = greedy(model, dict(inputs), 6)
-        theirs = model.generate(**inputs, do_sample=False, max_new_tokens=6, min_new_tokens=6)
-    assert torch.equal(ours, theirs[:, inputs["input_ids"].shape[1]:])
 
 
 def test_unsupported_settings_raise(tiny):
